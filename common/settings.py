@@ -1,0 +1,181 @@
+"""Settings for every process, read from IMGSEARCH_* environment variables and `.env`.
+
+Nested groups use `__`: `IMGSEARCH_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9092`.
+Defaults point at the local stack on loopback (`python -m stack up`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError as SourceError
+
+from common.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "models.toml"
+DEFAULT_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+)
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    images_topic: str = "imgsearch.images"
+    dead_letter_topic: str = "imgsearch.deadletter"
+    partitions: int = Field(12, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1)
+    group_prefix: str = "imgsearch-worker"
+    client_id: str = "imgsearch"
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options shared by kafka-python producers, consumers and admin clients."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+            "security_protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            ),
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        options.update({key: value for key, value in optional.items() if value is not None})
+        return options
+
+
+class MilvusSettings(BaseModel):
+    uri: str = "http://127.0.0.1:19530"
+    token: SecretStr | None = None
+    db_name: str = "default"
+    collection_prefix: str = "imgsearch"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    key_prefix: str = "imgsearch"
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class WatchSettings(BaseModel):
+    roots: list[Path] = Field(default_factory=lambda: [PROJECT_ROOT / "var" / "images"])
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    settle_s: float = Field(0.5, ge=0, le=60)
+    polling: bool = False
+    poll_interval_s: float = Field(1.0, gt=0)
+    reconcile_interval_s: float = Field(300.0, ge=0)
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return [ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in value]
+
+
+class ModelsSettings(BaseModel):
+    registry_file: Path = DEFAULT_REGISTRY
+    enabled: list[str] = Field(default_factory=lambda: ["efficientnet-lite0", "resnet50-nsfw"])
+    search_dirs: list[Path] = Field(
+        default_factory=lambda: [PROJECT_ROOT.parent / "shared" / "models"]
+    )
+    cache_dir: Path = Path.home() / ".cache" / "imgsearch" / "models"
+    intra_op_threads: int = Field(0, ge=0, le=256)
+
+
+class ImageSettings(BaseModel):
+    max_pixels: int = Field(64_000_000, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    batch_size: int = Field(32, ge=1, le=1024)
+    poll_timeout_ms: int = Field(500, ge=1)
+    decode_threads: int = Field(2, ge=1, le=64)
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    retry_max_backoff_s: float = Field(10.0, gt=0)
+    heartbeat_ttl_s: int = Field(60, ge=5)
+
+
+class StackSettings(BaseModel):
+    state_dir: Path = PROJECT_ROOT / "var" / "stack"
+    kafka_version: str = "4.4.0"
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    kafka_heap: str = "512m"
+    ready_timeout_s: float = Field(90.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Every setting of every process; one instance per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMGSEARCH_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets shown as '**********'."""
+        return json.loads(self.model_dump_json())
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = "IMGSEARCH_" + "__".join(str(part).upper() for part in first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid setting {name}{shown}: {first['msg']}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning any bad value into one SettingsError naming the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from error
+    except SourceError as error:
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        raise SettingsError(f"invalid setting: {error}{cause}") from error
+
+
+def log_effective(settings: Settings, process: str) -> None:
+    """Log the effective settings once at start, secrets hidden."""
+    log.info("settings process=%s %s", process, json.dumps(settings.redacted(), default=str))
