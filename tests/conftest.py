@@ -109,3 +109,47 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (../shared is absent on this machine)")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def private_service(tmp_path: Path, unique: str) -> Iterator:
+    """Factory: a private instance of one service on free loopback ports, for fault tests.
+
+    Stopping it never disturbs the shared stack or other tests. Returns (service, settings)
+    where `settings` point every client at the private instance.
+    """
+    from stack.services import services
+
+    started = []
+
+    def start(name: str) -> tuple:
+        port = free_port()
+        overrides = {
+            "kafka": {"kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "partitions": 4,
+                                "images_topic": f"test.{unique}.images",
+                                "dead_letter_topic": f"test.{unique}.deadletter",
+                                "group_prefix": f"test-{unique}"}},
+            "redis": {"redis": {"url": f"redis://127.0.0.1:{port}/0"}},
+            "milvus": {"milvus": {"uri": f"http://127.0.0.1:{port}"}},
+        }[name]
+        private = load_settings(
+            stack={"state_dir": str(tmp_path / f"stack-{name}"),
+                   "kafka_controller_port": free_port()},
+            **overrides,
+        )
+        service = services(private)[name]
+        service.start()
+        started.append(service)
+        return service, private
+
+    yield start
+    for service in started:
+        service.stop()
