@@ -1,0 +1,85 @@
+"""Where the demo's photographs come from, and how they reach the watched folder."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.settings import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+UKBENCH = PROJECT_ROOT.parent / "shared" / "data" / "ukbench"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# scikit-image's bundled photographs (RGB, real scenes); shipped inside the package.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
+                  "motorcycle_right", "cat", "hubble_deep_field", "immunohistochemistry")
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    name: str
+    folder: Path
+    files: list[Path]
+    groups: dict[str, int] | None  # file name -> ground-truth group, when known
+
+
+def read_groundtruth(csv_path: Path) -> dict[str, int]:
+    """A `file,group` CSV as {file name: group}."""
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        return {row["file"]: int(row["group"]) for row in csv.DictReader(handle)}
+
+
+def from_folder(folder: Path, limit: int | None = None) -> PhotoSet:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    truth_file = folder / "groundtruth.csv"
+    groups = read_groundtruth(truth_file) if truth_file.exists() else None
+    if limit is not None:
+        files = files[:limit]
+    return PhotoSet(folder.name, folder, files, groups)
+
+
+def from_skimage(target: Path) -> PhotoSet:
+    """Write scikit-image's sample photographs as JPEGs (no download: they ship with it)."""
+    from PIL import Image
+    from skimage import data
+
+    target.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in SKIMAGE_PHOTOS:
+        pixels = getattr(data, name)()
+        image = Image.fromarray(pixels).convert("RGB")
+        path = target / f"{name}.jpg"
+        image.save(path, quality=92)
+        files.append(path)
+    return PhotoSet("skimage", target, files, None)
+
+
+def choose(folder: Path | None, scratch: Path, limit: int | None) -> PhotoSet:
+    """A folder given on the command line, else UKBench from ../shared, else scikit-image's."""
+    if folder is not None:
+        return from_folder(folder, limit)
+    if UKBENCH.is_dir():
+        return from_folder(UKBENCH, limit)
+    try:
+        return from_skimage(scratch / "skimage-photos")
+    except ImportError as error:
+        raise SystemExit(
+            "no photographs: pass a folder, or `pip install scikit-image` for its samples"
+        ) from error
+
+
+def copy_into(photos: PhotoSet, root: Path) -> list[Path]:
+    """Copy the set into `root/<set name>/`; returns the destination paths."""
+    target = root / photos.name
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for source in photos.files:
+        destination = target / source.name
+        shutil.copy2(source, destination)
+        copied.append(destination)
+    log.info("copied files=%d into=%s", len(copied), target)
+    return copied
