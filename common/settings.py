@@ -93,6 +93,10 @@ class WatchSettings(BaseModel):
     polling: bool = False
     poll_interval_s: float = Field(1.0, gt=0)
     reconcile_interval_s: float = Field(300.0, ge=0)
+    publish_batch_size: int = Field(500, ge=1, le=100_000)
+    retry_max_backoff_s: float = Field(10.0, gt=0)
+    shutdown_flush_timeout_s: float = Field(15.0, ge=0)
+    progress_interval_s: float = Field(5.0, gt=0)
 
     @field_validator("extensions")
     @classmethod
@@ -108,6 +112,8 @@ class ModelsSettings(BaseModel):
     )
     cache_dir: Path = Path.home() / ".cache" / "imgsearch" / "models"
     intra_op_threads: int = Field(0, ge=0, le=256)
+    max_batch: int = Field(32, ge=1, le=1024)
+    fetch_timeout_s: float = Field(60.0, gt=0)
 
 
 class ImageSettings(BaseModel):
@@ -121,6 +127,10 @@ class WorkerSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     retry_max_backoff_s: float = Field(10.0, gt=0)
     heartbeat_ttl_s: int = Field(60, ge=5)
+    # How long a deleted file's vector is kept for reuse by a rename's later upsert.
+    orphan_vector_ttl_s: int = Field(3600, ge=0)
+    # A worker killed without leaving the group holds its partitions this long.
+    session_timeout_ms: int = Field(45_000, ge=6_000)
 
 
 class StackSettings(BaseModel):

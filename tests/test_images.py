@@ -1,0 +1,201 @@
+"""The canonical decode path: modes to RGB with real pixel values, and every failure reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.images import DecodeError, decode_image
+
+LIMIT = 10_000_000
+
+
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims a size, followed by one row of pixel data only."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    one_row = zlib.compress(b"\x00" * (1 + 3 * min(width, 64)))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", one_row)
+
+
+def _pixel(image: Image.Image, x: int, y: int) -> tuple[int, int, int]:
+    return tuple(int(v) for v in np.asarray(image)[y, x])  # type: ignore[return-value]
+
+
+def test_cmyk_becomes_rgb() -> None:
+    cmyk = Image.new("CMYK", (6, 4), (0, 255, 255, 0))
+
+    decoded = decode_image(_encode(cmyk, "TIFF"), max_pixels=LIMIT)
+
+    assert decoded.mode == "RGB"
+    assert _pixel(decoded, 3, 2) == (255, 0, 0)
+
+
+def test_palette_transparency_is_composited_on_white() -> None:
+    palette = Image.new("P", (4, 2), 0)
+    palette.putpalette([0, 255, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((3, 1), 1)
+    data = _encode(palette, "PNG", transparency=0)
+
+    decoded = decode_image(data, max_pixels=LIMIT)
+
+    assert _pixel(decoded, 0, 0) == (255, 255, 255)
+    assert _pixel(decoded, 3, 1) == (0, 0, 255)
+
+
+def test_la_alpha_blends_with_white() -> None:
+    la = Image.new("LA", (3, 1))
+    la.putdata([(0, 0), (0, 255), (100, 128)])
+
+    decoded = decode_image(_encode(la, "PNG"), max_pixels=LIMIT)
+
+    assert _pixel(decoded, 0, 0) == (255, 255, 255)
+    assert _pixel(decoded, 1, 0) == (0, 0, 0)
+    blended = round((100 * 128 + 255 * 127) / 255)
+    assert all(abs(v - blended) <= 1 for v in _pixel(decoded, 2, 0))
+
+
+def test_rgba_half_transparent_red_over_white() -> None:
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
+
+    decoded = decode_image(_encode(rgba, "PNG"), max_pixels=LIMIT)
+
+    red, green, blue = _pixel(decoded, 1, 1)
+    assert red == 255 and abs(green - 127) <= 1 and green == blue
+
+
+def test_16_bit_grey_is_stretched_not_clipped() -> None:
+    values = np.array([[1000, 2000, 3000]], dtype=np.uint16)
+    grey16 = Image.fromarray(values)
+    assert grey16.mode.startswith("I;16")
+
+    decoded = decode_image(_encode(grey16, "PNG"), max_pixels=LIMIT)
+
+    assert [_pixel(decoded, x, 0) for x in range(3)] == [(0, 0, 0), (128, 128, 128),
+                                                         (255, 255, 255)]
+
+
+def test_32_bit_int_and_float_grey_use_their_real_range() -> None:
+    ints = Image.fromarray(np.array([[-5_000_000, 0, 5_000_000]], dtype=np.int32))
+    floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32))
+    assert (ints.mode, floats.mode) == ("I", "F")
+
+    decoded_ints = decode_image(_encode(ints, "TIFF"), max_pixels=LIMIT)
+    decoded_floats = decode_image(_encode(floats, "TIFF"), max_pixels=LIMIT)
+
+    assert [_pixel(decoded_ints, x, 0)[0] for x in range(3)] == [0, 128, 255]
+    assert [_pixel(decoded_floats, x, 0)[0] for x in range(3)] == [0, 64, 255]
+
+
+def test_plain_greyscale_keeps_its_value() -> None:
+    grey = Image.new("L", (5, 5), 77)
+
+    decoded = decode_image(_encode(grey, "PNG"), max_pixels=LIMIT)
+
+    assert decoded.mode == "RGB" and _pixel(decoded, 2, 2) == (77, 77, 77)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+
+    decoded = decode_image(data, max_pixels=LIMIT)
+
+    assert _pixel(decoded, 4, 4) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied_first(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (40, 20), (0, 0, 0))
+    stored.paste((255, 255, 255), (0, 0, 10, 20))  # white band on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, "JPEG", quality=95, exif=exif)
+
+    decoded = decode_image(path, max_pixels=LIMIT)
+
+    assert decoded.size == (20, 40)
+    assert min(_pixel(decoded, 10, 3)) > 200  # the band is now at the top
+    assert max(_pixel(decoded, 10, 36)) < 50
+
+
+def test_format_comes_from_content_not_extension(tmp_path: Path) -> None:
+    path = tmp_path / "really-a-png.jpg"
+    Image.new("RGB", (3, 3), (10, 20, 30)).save(path, "PNG")
+
+    assert _pixel(decode_image(path, max_pixels=LIMIT), 1, 1) == (10, 20, 30)
+
+
+def test_jpeg_draft_decodes_smaller_but_covers_min_side() -> None:
+    data = _encode(Image.new("RGB", (2000, 1500), (90, 90, 90)), "JPEG")
+
+    full = decode_image(data, max_pixels=LIMIT)
+    reduced = decode_image(data, max_pixels=LIMIT, min_side=256)
+
+    assert full.size == (2000, 1500)
+    assert min(reduced.size) >= 256 and reduced.size[0] < 1000
+
+
+def _reason(source: object, max_pixels: int = LIMIT) -> str:
+    with pytest.raises(DecodeError) as caught:
+        decode_image(source, max_pixels=max_pixels)  # type: ignore[arg-type]
+    assert str(caught.value).startswith(caught.value.reason + ": ")
+    return caught.value.reason
+
+
+def test_failure_reasons(tmp_path: Path) -> None:
+    photo = _encode(Image.radial_gradient("L").convert("RGB"), "JPEG")
+    png = _encode(Image.radial_gradient("L"), "PNG")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(photo[: len(photo) // 2])
+    (tmp_path / "notes.jpg").write_text("this is a text file, not a picture\n")
+
+    assert _reason(tmp_path / "missing.jpg") == "not_found"
+    assert _reason(tmp_path / "empty.jpg") == "empty"
+    assert _reason(tmp_path / "cut.jpg") == "truncated"
+    assert _reason(png[: len(png) - 40]) == "truncated"
+    assert _reason(tmp_path / "notes.jpg") == "unsupported_format"
+    assert _reason(photo[:4] + os.urandom(2000)) in ("corrupt", "truncated")
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
+    # The header claims 4000x3000 and no pixel data follows: decoding would say
+    # "truncated", so "too_large" proves the limit is enforced before decoding.
+    header_only = _png_header_only(4000, 3000)
+
+    assert _reason(header_only, max_pixels=1_000_000) == "too_large"
+    assert _reason(header_only, max_pixels=20_000_000) in ("truncated", "corrupt")
+
+
+def test_pillow_bomb_guard_becomes_too_large_and_global_limit_is_untouched() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+
+    reason = _reason(_png_header_only(30_000, 30_000), max_pixels=10**10)
+
+    assert reason == "too_large"
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of mode bits")
+def test_unreadable_file_is_permission(tmp_path: Path) -> None:
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (2, 2)).save(path)
+    path.chmod(0)
+
+    assert _reason(path) == "permission"
