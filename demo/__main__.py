@@ -20,7 +20,7 @@ from common.logs import configure_logging
 from common.registry import available_models
 from common.settings import PROJECT_ROOT, Settings, load_settings, log_effective
 from demo import photos
-from demo.pipeline import running, wait_indexed
+from demo.pipeline import indexed_counts, running, wait_indexed
 
 log = logging.getLogger("demo")
 
@@ -99,11 +99,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
     with running(settings, models, DEMO_DIR / "logs", keep=args.keep) as pipeline:
         started = time.monotonic()
-        copied = photos.copy_into(photo_set, root)
-        seconds = wait_indexed(pipeline, [str(p) for p in copied], args.timeout)
+        copied = photos.copy_into(photo_set, root, settings.watch.extensions)
+        seconds = wait_indexed(settings, models, [str(p) for p in copied], args.timeout,
+                               check=pipeline.check_alive)
+        counts = indexed_counts(settings, models, [str(p) for p in copied])
         for model, took in seconds.items():
-            print(f"{model}: {len(copied)} files indexed in {took:.1f}s "
-                  f"({len(copied) / max(took, 1e-9):.1f} img/s)")
+            print(f"{model}: {counts[model]} of {len(copied)} files indexed after {took:.1f}s")
+        if any(count < len(copied) for count in counts.values()):
+            print("some files were dead-lettered; `python -m worker status` shows why")
         queries = pick_queries(photo_set, copied, args.queries)
         args.html.parent.mkdir(parents=True, exist_ok=True)
         code = run_queries(settings, queries, models, args.html, pipeline.env)

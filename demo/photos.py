@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.settings import PROJECT_ROOT
+from producer.filters import content_skip_reason, name_skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,24 @@ def choose(folder: Path | None, scratch: Path, limit: int | None) -> PhotoSet:
         ) from error
 
 
-def copy_into(photos: PhotoSet, root: Path) -> list[Path]:
-    """Copy the set into `root/<set name>/`; returns the destination paths."""
+def copy_into(photos: PhotoSet, root: Path, extensions: list[str]) -> list[Path]:
+    """Copy the set into `root/<set name>/`; returns the copies the producer will publish.
+
+    Files the producer skips by the same rules (not an image, hidden, temporary name) are
+    copied too, but named in a warning and not waited for.
+    """
     target = root / photos.name
     target.mkdir(parents=True, exist_ok=True)
-    copied = []
+    publishable = []
     for source in photos.files:
         destination = target / source.name
-        shutil.copy2(source, destination)
-        copied.append(destination)
-    log.info("copied files=%d into=%s", len(copied), target)
-    return copied
+        shutil.copyfile(source, destination)  # a fresh mtime: every run republishes
+        reason = (name_skip_reason(str(destination), [str(root)], extensions)
+                  or content_skip_reason(str(destination)))
+        if reason:
+            log.warning("not published by the producer path=%s reason=%s", destination, reason)
+            continue
+        publishable.append(destination)
+    log.info("copied files=%d publishable=%d into=%s", len(photos.files), len(publishable),
+             target)
+    return publishable

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,32 +146,58 @@ def indexed_counts(settings: Settings, models: Sequence[str], paths: Sequence[st
         client.close()
 
 
-def wait_indexed(pipeline: Pipeline, paths: Sequence[str], timeout_s: float,
-                 out: TextIO = sys.stdout) -> dict[str, float]:
-    """Block until every model indexed every path; print progress; return seconds per model."""
+def dead_letter_totals(settings: Settings, models: Sequence[str]) -> dict[str, int]:
+    """Dead letters so far per model (all reasons), from the workers' counters in Redis."""
+    client = connect_redis(settings.redis)
+    try:
+        return {
+            model: sum(PathIndex(client, settings.redis.key_prefix, model)
+                       .dead_letter_counts().values())
+            for model in models
+        }
+    finally:
+        client.close()
+
+
+def wait_indexed(settings: Settings, models: Sequence[str], paths: Sequence[str],
+                 timeout_s: float, out: TextIO = sys.stdout,
+                 check: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Block until every model has settled every path (indexed, or dead-lettered: a bad
+    file must not hang the run); print progress; return seconds per model.
+
+    `check` runs every second and raises to abort (e.g. a child process died).
+    """
     total = len(paths)
     started = time.monotonic()
+    baseline = indexed_counts(settings, models, paths)  # already indexed by an earlier run
+    dead_before = dead_letter_totals(settings, models)
     finished: dict[str, float] = {}
-    while len(finished) < len(pipeline.models):
-        pipeline.check_alive()
+    while len(finished) < len(models):
+        check()
         elapsed = time.monotonic() - started
         if elapsed > timeout_s:
             raise PipelineError(f"indexing not finished after {timeout_s:.0f}s: {finished}")
-        counts = indexed_counts(pipeline.settings, pipeline.models, paths)
+        counts = indexed_counts(settings, models, paths)
+        dead_now = dead_letter_totals(settings, models)
+        dead = {model: dead_now[model] - dead_before.get(model, 0) for model in models}
         for model, done in counts.items():
-            if done >= total and model not in finished:
+            if done + dead[model] >= total and model not in finished:
                 finished[model] = elapsed
-        print(_progress_line(counts, total, elapsed), file=out, flush=True)
-        if len(finished) < len(pipeline.models):
+        print(_progress_line(counts, baseline, dead, total, elapsed), file=out, flush=True)
+        if len(finished) < len(models):
             time.sleep(1.0)
     return finished
 
 
-def _progress_line(counts: dict[str, int], total: int, elapsed_s: float) -> str:
+def _progress_line(counts: dict[str, int], baseline: dict[str, int], dead: dict[str, int],
+                   total: int, elapsed_s: float) -> str:
     parts = []
     for model, done in counts.items():
-        rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        left = (total - done) / rate if rate > 0 else float("inf")
-        eta = "done" if done >= total else ("?" if left == float("inf") else f"{left:.0f}s left")
-        parts.append(f"{model} {done}/{total} {rate:.1f} img/s {eta}")
+        settled = done + dead[model]
+        rate = (settled - baseline[model]) / elapsed_s if elapsed_s > 0.5 else 0.0
+        left = (total - settled) / rate if rate > 0 else float("inf")
+        eta = ("done" if settled >= total
+               else "?" if left == float("inf") else f"{left:.0f}s left")
+        failed = f" ({dead[model]} dead-lettered)" if dead[model] else ""
+        parts.append(f"{model} {done}/{total}{failed} {rate:.1f} img/s {eta}")
     return f"[{elapsed_s:5.1f}s] indexed: " + " | ".join(parts)
