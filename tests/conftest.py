@@ -22,12 +22,17 @@ UKBENCH = SHARED / "data" / "ukbench"
 
 @pytest.fixture(scope="session")
 def stack_ready() -> Settings:
-    """Start the local stack if it is not running (idempotent) and wait for readiness."""
+    """Start the local stack where a service does not answer yet, and wait for readiness.
+
+    A service already answering on its address is used as it is, even when another
+    checkout's stack started it.
+    """
     from stack.services import services
 
     base = load_settings()
     for service in services(base).values():
-        service.start()
+        if not service.is_ready():
+            service.start()
     return base
 
 
