@@ -169,6 +169,17 @@ class VectorStore:
         with self._calls():
             self.client.upsert(name, data, timeout=self.timeout_s)
 
+    def flush(self, spec: ModelSpec) -> None:
+        """Seal the rows written so far into indexed segments.
+
+        Milvus Lite searches unsealed rows by brute force in Python (about 60 ms a query
+        at a few hundred rows, 10 ms once flushed); Milvus standalone seals on its own
+        and accepts an occasional manual flush.
+        """
+        name = self.ensure_collection(spec)
+        with self._calls():
+            self.client.flush(name, timeout=self.timeout_s)
+
     def delete(self, spec: ModelSpec, ids: Sequence[int]) -> None:
         if not ids:
             return

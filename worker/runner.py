@@ -32,6 +32,8 @@ from worker.pipeline import Batch, BatchResult, Pipeline, prepare_batch
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.5
+# Quiet time after the last write before the worker flushes (seals) the collection.
+FLUSH_IDLE_S = 1.0
 
 
 class MappingVersionMismatch(ImgSearchError):
@@ -78,6 +80,8 @@ class Worker:
         self._outage: ServiceUnavailable | None = None
         self._outage_started = 0.0
         self._last_batch_at: float | None = None
+        self._unflushed = False
+        self._last_write_s = 0.0
 
         with ExitStack() as undo:  # a failed start closes what it opened
             ensure_images_topic(settings.kafka)
@@ -150,8 +154,22 @@ class Worker:
         records = self._poll(stop)
         if records:
             self._process(records, stop)
+        else:
+            self._flush_when_idle()
         self.heartbeat.beat(self._health_state())
         return len(records)
+
+    def _flush_when_idle(self) -> None:
+        """Once the stream goes quiet, seal what was written so searches use the index."""
+        if not self._unflushed or time.monotonic() - self._last_write_s < FLUSH_IDLE_S:
+            return
+        try:
+            self.store.flush(self.spec)
+        except ServiceUnavailable as error:
+            log.warning("flush failed model=%s error=%s", self.model, error)
+            return
+        self._unflushed = False
+        log.debug("flushed model=%s", self.model)
 
     def stop(self) -> None:
         self._stop.set()
@@ -197,6 +215,8 @@ class Worker:
                 backoff_s = min(backoff_s * 2, self.settings.worker.retry_max_backoff_s)
 
         self._note_recovery()
+        self._unflushed = True
+        self._last_write_s = time.monotonic()
         self.totals.add(result)
         self._last_batch_at = time.time()
         self._log_batch(batch, result, time.monotonic() - started)
