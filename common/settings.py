@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
@@ -23,6 +25,8 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parent / "models.toml"
 DEFAULT_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
 )
+# Kafka's own rule for topic names (a bad one is otherwise retried forever at create time).
+TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 
 class KafkaSettings(BaseModel):
@@ -63,6 +67,23 @@ class KafkaSettings(BaseModel):
         options.update({key: value for key, value in optional.items() if value is not None})
         return options
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_servers(cls, value: str) -> str:
+        """Each entry host:port with a numeric port; kafka-python would raise in a thread."""
+        for entry in value.split(","):
+            host, _, port = entry.strip().rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"entry {entry!r} is not host:port with a port 1..65535")
+        return value
+
+    @field_validator("images_topic", "dead_letter_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+            raise ValueError("a topic name is 1..249 characters of a-z A-Z 0-9 . _ -")
+        return value
+
 
 class MilvusSettings(BaseModel):
     uri: str = "http://127.0.0.1:19530"
@@ -85,6 +106,18 @@ class RedisSettings(BaseModel):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _check_port(cls, value: str) -> str:
+        """A bad port fails here in one line instead of deep inside redis-py."""
+        if value.startswith("unix://"):
+            return value
+        try:
+            urlsplit(value).port
+        except ValueError as error:
+            raise ValueError(f"bad port: {error}") from error
+        return value
+
 
 class WatchSettings(BaseModel):
     roots: list[Path] = Field(default_factory=lambda: [PROJECT_ROOT / "var" / "images"])
@@ -97,6 +130,8 @@ class WatchSettings(BaseModel):
     retry_max_backoff_s: float = Field(10.0, gt=0)
     shutdown_flush_timeout_s: float = Field(15.0, ge=0)
     progress_interval_s: float = Field(5.0, gt=0)
+    # An empty root may be an unmounted disk: its published files are kept unless false.
+    empty_root_is_unmounted: bool = True
 
     @field_validator("extensions")
     @classmethod
@@ -114,6 +149,9 @@ class ModelsSettings(BaseModel):
     intra_op_threads: int = Field(0, ge=0, le=256)
     max_batch: int = Field(32, ge=1, le=1024)
     fetch_timeout_s: float = Field(60.0, gt=0)
+    # `models fetch`: fetch_timeout_s bounds each read; these bound the whole download.
+    fetch_deadline_s: float = Field(3600.0, gt=0)
+    max_download_bytes: int = Field(2 * 1024**3, ge=1)
 
 
 class ImageSettings(BaseModel):

@@ -30,11 +30,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _install_signals(stop: threading.Event) -> None:
     def handle(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received signal=%s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.info("signal received again signal=%s, still flushing (bounded by "
+                     "IMGSEARCH_WATCH__SHUTDOWN_FLUSH_TIMEOUT_S)", name)
+            return
+        log.info("signal received signal=%s, stopping", name)
         stop.set()
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+
+
+def _ignore_signals() -> None:
+    """After a clean stop, a late signal must not turn exit 0 into death by signal.
+
+    Interpreter shutdown puts Python-level handlers back to the default (terminate)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _run(producer: Producer, stop: threading.Event, once: bool) -> None:
+    """Wait for a signal, the end of a --once pass, or a failed producer thread."""
+    while not stop.is_set() and producer.failure() is None:
+        if once and producer.idle():
+            return
+        stop.wait(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"producer: {error}", file=sys.stderr)
         return 2
+    if not settings.watch.roots:
+        print("producer: invalid setting IMGSEARCH_WATCH__ROOTS: no roots, nothing to watch",
+              file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     log_effective(settings, "producer")
 
@@ -51,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     _install_signals(stop)
     producer = Producer(settings)
     producer.start()
-    if args.once:
-        while not stop.is_set() and not producer.idle():
-            stop.wait(0.2)
-    else:
-        stop.wait()
+    _run(producer, stop, args.once)
     producer.stop()
+    _ignore_signals()
+    failure = producer.failure()
+    if failure is not None:
+        log.error("producer exits after a failed thread error=%s", failure)
+        return 1
     return 0
 
 

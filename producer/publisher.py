@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kafka import KafkaProducer
@@ -35,8 +35,10 @@ MIN_BACKOFF_S = 0.5
 class Publisher:
     """Queue + sender thread; `submit` never blocks on the broker."""
 
-    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger,
+                 on_fatal: Callable[[BaseException], None] = lambda error: None) -> None:
         self.settings = settings
+        self.on_fatal = on_fatal
         self.topic = settings.kafka.images_topic
         self.ledger = ledger
         self.published_total = 0
@@ -90,6 +92,15 @@ class Publisher:
     # -- sender thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Broker outages are retried inside; anything else is a bug or a bad setting, and
+        a silently dead sender would leave a producer that never publishes: report it."""
+        try:
+            self._loop()
+        except Exception as error:  # noqa: BLE001 - reported to the owner, which exits
+            log.exception("publisher failed, nothing more is sent error=%s", error)
+            self.on_fatal(error)
+
+    def _loop(self) -> None:
         while not self._finished():
             if self._producer is None and not self._connect():
                 if self._stopping.is_set():

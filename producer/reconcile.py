@@ -12,7 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from producer.filters import dir_skip_reason, name_skip_reason
+from producer.filters import (
+    BAD_NAME,
+    FOLDER_LINK,
+    NOT_REGULAR,
+    SkipNotices,
+    dir_skip_reason,
+    name_skip_reason,
+)
 from producer.known import KnownFiles
 from producer.settle import Settler
 
@@ -67,13 +74,16 @@ class _Progress:
 class Reconciler:
     def __init__(self, roots: list[str], extensions: list[str], known: KnownFiles,
                  settler: Settler, progress_interval_s: float = 5.0,
-                 published: Callable[[], int] = lambda: 0) -> None:
+                 published: Callable[[], int] = lambda: 0,
+                 empty_root_is_unmounted: bool = True) -> None:
         self.roots = roots
         self.extensions = extensions
         self.known = known
         self.settler = settler
         self.progress_interval_s = progress_interval_s
         self.published = published
+        self.empty_root_is_unmounted = empty_root_is_unmounted
+        self.notices = SkipNotices()
 
     def reconcile(self) -> TreeReport:
         """Scan every root; a missing or unreadable root is skipped, never turned to deletes."""
@@ -101,14 +111,25 @@ class Reconciler:
             log.warning("root unreadable, skipped root=%s known_files_kept=%d",
                         root, known_count)
             return TreeReport(skipped_roots=[root])
-        if not scan.files and known_count:
+        if not scan.files and known_count and self._looks_unmounted(root):
             # An empty mount point looks exactly like an emptied folder: refuse mass deletion.
             log.warning(
                 "root is empty but %d files were published from it; treated as unmounted, "
-                "no deletes root=%s", known_count, root,
+                "no deletes (set IMGSEARCH_WATCH__EMPTY_ROOT_IS_UNMOUNTED=false to publish "
+                "them) root=%s", known_count, root,
             )
             return TreeReport(skipped_roots=[root])
         return self.compare(root, scan)
+
+    def _looks_unmounted(self, root: str) -> bool:
+        """An empty root may be a bare mount point; one with any entry at all is mounted."""
+        if not self.empty_root_is_unmounted:
+            return False
+        try:
+            with os.scandir(root) as entries:
+                return next(entries, None) is None
+        except OSError:
+            return True
 
     def check_tree(self, top: str) -> TreeReport:
         """Queue differences under one existing folder (a directory event)."""
@@ -141,9 +162,18 @@ class Reconciler:
             if dir_skip_reason(path, self.roots) is None:
                 stack.append(path)
             return
-        if name_skip_reason(path, self.roots, self.extensions) is not None:
+        reason = name_skip_reason(path, self.roots, self.extensions)
+        if reason is not None:
+            if reason == BAD_NAME:
+                self.notices.warn(path, reason)
             return
         try:
+            if not entry.is_file():  # follows a file symlink; a folder symlink is refused
+                if entry.is_dir():
+                    self.notices.warn(path, FOLDER_LINK)
+                elif not entry.is_symlink():  # a dangling symlink is just not there yet
+                    self.notices.warn(path, NOT_REGULAR)
+                return
             stat = entry.stat()
         except OSError:
             return

@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 from common.events import ImageEvent
 from common.ids import file_fingerprint
-from producer.filters import content_skip_reason, name_skip_reason
+from producer.filters import (
+    FOLDER_LINK,
+    NOT_REGULAR,
+    content_skip_reason,
+    crosses_folder_link,
+    name_skip_reason,
+)
 from producer.known import KnownFiles
 from producer.ledger import FileState
 from producer.reconcile import Reconciler
@@ -35,6 +41,9 @@ class Resolver:
         self.submit = submit
 
     def resolve(self, path: str, is_dir: bool) -> None:
+        if path not in self.roots and crosses_folder_link(path, self.roots):
+            log.debug("ignored path=%s reason=inside a folder symlink", path)
+            return
         try:
             info = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -45,13 +54,31 @@ class Resolver:
                         error.strerror or error)
             return
         if stat_module.S_ISDIR(info.st_mode):
-            if path in self.roots:
-                self.reconciler.check_root(path)
-            else:
-                self.reconciler.check_tree(path)
+            self._folder(path)
             return
         if stat_module.S_ISREG(info.st_mode):
             self._present(path, info.st_size, info.st_mtime_ns)
+            return
+        self._not_a_file(path, NOT_REGULAR)
+
+    def _folder(self, path: str) -> None:
+        """A folder now: a file published under this path before is gone (tombstone)."""
+        if path in self.roots:
+            self.reconciler.check_root(path)
+            return
+        if os.path.islink(path):
+            self._not_a_file(path, FOLDER_LINK)
+            return
+        if self.known.get(path) is not None:
+            self._delete(path)
+        self.reconciler.check_tree(path)
+
+    def _not_a_file(self, path: str, reason: str) -> None:
+        if name_skip_reason(path, self.roots, self.extensions) is not None:
+            return
+        self.reconciler.notices.warn(path, reason)
+        if self.known.get(path) is not None:
+            self._delete(path)
 
     def _present(self, path: str, size: int, mtime_ns: int) -> None:
         if name_skip_reason(path, self.roots, self.extensions) is not None:
@@ -64,6 +91,8 @@ class Resolver:
             self._skip(path, reason, state)
             return
         try:
+            # Known limit: a regular file swapped for a FIFO between the sniff above and
+            # this second open could still block here (a window of microseconds).
             fingerprint = file_fingerprint(path)
         except OSError as error:
             log.warning("file skipped path=%s reason=unreadable: %s", path,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from common.errors import ServiceUnavailable
 from common.ids import is_under, normalise_path
 from common.settings import Settings
-from producer.filters import dir_skip_reason, name_skip_reason
+from producer.filters import BAD_NAME, dir_skip_reason, name_skip_reason
 from producer.known import KnownFiles
 from producer.ledger import Ledger, redis_client
 from producer.publisher import Publisher
@@ -40,10 +41,11 @@ class Producer:
         self.ledger = Ledger(self._redis, settings.redis.key_prefix, settings.redis.url)
         self.known = KnownFiles()
         self.settler = Settler(settings.watch.settle_s)
-        self.publisher = Publisher(settings, self.ledger)
+        self.publisher = Publisher(settings, self.ledger, self._fail)
         self.reconciler = Reconciler(
             self.roots, self.extensions, self.known, self.settler,
             settings.watch.progress_interval_s, lambda: self.publisher.published_total,
+            settings.watch.empty_root_is_unmounted,
         )
         self.resolver = Resolver(self.roots, self.extensions, self.known, self.settler,
                                  self.reconciler, self.publisher.submit)
@@ -53,10 +55,13 @@ class Producer:
         self._reconciled = threading.Event()
         self._reconcile_lock = threading.Lock()
         self._resolving = False
+        self._failure: BaseException | None = None
         self.running = False
         self._threads = [
-            threading.Thread(target=self._settle_loop, name="settle", daemon=True),
-            threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True),
+            threading.Thread(target=self._guarded(self._settle_loop), name="settle",
+                             daemon=True),
+            threading.Thread(target=self._guarded(self._reconcile_loop), name="reconcile",
+                             daemon=True),
         ]
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -65,6 +70,8 @@ class Producer:
         log.info("producer starting roots=%s topic=%s settle_s=%.2f polling=%s",
                  self.roots, self.settings.kafka.images_topic, self.settings.watch.settle_s,
                  self.settings.watch.polling)
+        if not self.roots:
+            log.warning("no roots configured (IMGSEARCH_WATCH__ROOTS), nothing is watched")
         self.running = True
         self.publisher.start()
         self.watcher.start()
@@ -105,6 +112,29 @@ class Producer:
             time.sleep(0.05)
         return False
 
+    def failure(self) -> BaseException | None:
+        """The unexpected error that killed one of the producer's threads, if any.
+
+        A dead thread would leave a process that runs but never publishes, so the entry
+        point stops on it and exits non-zero.
+        """
+        return self._failure
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except Exception as error:  # noqa: BLE001 - reported, the process then exits
+                log.exception("producer thread failed thread=%s error=%s",
+                              threading.current_thread().name, error)
+                self._fail(error)
+
+        return run
+
     def idle(self) -> bool:
         return (self._reconciled.is_set() and not self._resolving and len(self.settler) == 0
                 and self.publisher.pending() == 0 and self.publisher.unrecorded() == 0)
@@ -116,6 +146,9 @@ class Producer:
             return
         reason = (dir_skip_reason(path, self.roots) if is_dir
                   else name_skip_reason(path, self.roots, self.extensions))
+        if reason == BAD_NAME:
+            self.reconciler.notices.warn(path, reason)
+            return
         if reason is not None:
             log.debug("ignored path=%s reason=%s", path, reason)
             return

@@ -88,6 +88,7 @@ class Watcher:
         self._native: BaseObserver = Observer()
         self._poller: BaseObserver = PollingObserver(timeout=poll_interval_s)
         self._watches: dict[str, tuple[BaseObserver, ObservedWatch]] = {}
+        self._identity: dict[str, tuple[int, int]] = {}
         self._unwatched: set[str] = set()
         self._limit_hits: set[str] = set()
         self._lock = threading.Lock()
@@ -123,16 +124,31 @@ class Watcher:
                 log.warning("root vanished, watch dropped until it returns root=%s", root)
                 self._unwatch(root)
                 self._unwatched.add(root)
+            elif self._watch_died(root):
+                log.warning("root replaced or its watch ended, re-watching root=%s", root)
+                self._unwatch(root)
+                self._unwatched.add(root)
         for root in sorted(self._unwatched):
             if os.path.isdir(root) and self._watch(root):
                 log.info("root available again, rescanning root=%s", root)
                 self.on_change(root, True)
 
+    def _watch_died(self, root: str) -> bool:
+        """True when the root is another folder now (rm -rf + mkdir, mv + mkdir) or the
+        watch's emitter stopped (inotify ends a watch whose folder was deleted)."""
+        if _identity(root) != self._identity.get(root):
+            return True
+        observer, watch = self._watches[root]
+        return not any(emitter.watch == watch and emitter.is_alive()
+                       for emitter in list(observer.emitters))
+
     def _watch(self, root: str) -> bool:
-        if not os.path.isdir(root):
+        identity = _identity(root)
+        if identity is None or not os.path.isdir(root):
             log.warning("root missing or not a folder, not watched (retried) root=%s", root)
             self._unwatched.add(root)
             return False
+        self._identity[root] = identity
         observer = self._poller if self.polling else self._native
         try:
             watch = observer.schedule(self._handler, root, recursive=True)
@@ -176,3 +192,12 @@ class Watcher:
         with self._lock:
             hits, self._limit_hits = sorted(self._limit_hits), set()
             return hits
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the folder now at path, None when there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
