@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from common.errors import ImgSearchError
 
@@ -33,6 +33,16 @@ class ImageEvent(BaseModel):
 
     model_config = {"populate_by_name": True, "frozen": True}
 
+    @field_validator("path")
+    @classmethod
+    def _plain_absolute_path(cls, value: str) -> str:
+        # The topic is not trusted input: a NUL byte makes every os.* call raise.
+        if "\x00" in value:
+            raise ValueError("path contains a NUL byte")
+        if not value.startswith("/"):
+            raise ValueError("path is not absolute")
+        return value
+
     @property
     def key(self) -> bytes:
         return self.path.encode("utf-8", "surrogateescape")
@@ -52,9 +62,9 @@ def decode_event(key: bytes | None, value: bytes | None) -> ImageEvent:
         path = key.decode("utf-8", "surrogateescape")
     except UnicodeDecodeError as error:
         raise BadEvent("key is not UTF-8") from error
-    if value is None:
-        return ImageEvent(kind="delete", path=path)
     try:
+        if value is None:
+            return ImageEvent(kind="delete", path=path)
         event = ImageEvent.model_validate_json(value)
     except ValidationError as error:
         first = error.errors()[0]

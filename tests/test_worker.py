@@ -94,6 +94,10 @@ def test_bad_input_goes_to_dead_letters_and_the_rest_is_indexed(
     good = make_images(root / "good", 3, seed=7)
 
     publish_raw(settings, b"poison", b"{not json")
+    nul_path = f"{root}/a\x00b.jpg"  # a NUL byte once crashed every worker on this record
+    publish_raw(settings, nul_path.encode(), json.dumps(
+        {"v": 1, "kind": "upsert", "path": nul_path}).encode())
+    publish_raw(settings, nul_path.encode(), None)
     publish(settings, [upsert_event(bad / name) for name in
                        ("truncated.jpg", "empty.jpg", "text.jpg", "bomb.png")])
     publish(settings, [upsert_event("/etc/passwd")])
@@ -102,11 +106,12 @@ def test_bad_input_goes_to_dead_letters_and_the_rest_is_indexed(
     worker = worker_factory(config=config)
     totals = worker.run_until_idle(timeout_s=90)
 
-    letters = read_dead_letters(settings, expected=6)
+    letters = read_dead_letters(settings, expected=8)
     reasons = {(json.loads(x["value"])["path"] if x["reason"] != "bad_message" else x["key"]):
                x["reason"] for x in letters}
     assert reasons == {
         "poison": "bad_message",
+        nul_path: "bad_message",
         str(bad / "truncated.jpg"): "truncated",
         str(bad / "empty.jpg"): "empty",
         str(bad / "text.jpg"): "unsupported_format",
@@ -114,8 +119,9 @@ def test_bad_input_goes_to_dead_letters_and_the_rest_is_indexed(
         "/etc/passwd": "outside_roots",
     }
     assert all(x["model"] == EFFICIENTNET_NAME and x["detail"] for x in letters)
-    assert totals.dead_lettered == 6
-    assert worker.index.dead_letter_counts() == dict(Counter(reasons.values()))
+    assert totals.dead_lettered == 8
+    assert worker.index.dead_letter_counts() == {**dict(Counter(reasons.values())),
+                                                 "bad_message": 3}
     assert worker.store.count(worker.spec) == 3
     assert sorted(r.path for r in all_rows(worker)) == sorted(str(p) for p in good)
 

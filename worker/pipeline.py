@@ -110,7 +110,10 @@ def prepare_batch(records: Sequence[SourceRecord], roots: list[Path]) -> Batch:
         latest[path] = (record, event)
 
     for path, (record, event) in latest.items():
-        reason = _refusal(path, roots)
+        try:
+            reason = _refusal(path, roots)
+        except (OSError, ValueError) as error:  # an odd path must not stop the worker
+            reason = ("bad_message", f"unusable path: {error}")
         if reason:
             batch.rejected.append(DeadLetter(record, reason[0], reason[1]))
         elif event.kind == "delete":
