@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import ImgSearchError
+from common.ids import normalise_path
 from common.logs import configure_logging
 from common.settings import PROJECT_ROOT, Settings, load_settings, log_effective
 from demo import photos
@@ -34,19 +35,29 @@ RANK_DEPTH = 20  # results per query kept for the metrics
 
 def collect_rankings(settings: Settings, paths: Sequence[Path], models: list[str]
                      ) -> dict[str, dict[str, list[str]]]:
-    """{model or 'fused': {query file name: result file names, best first}}."""
+    """{model or 'fused': {query file name: result file names, best first}}.
+
+    Only results that are files of the evaluated set count (matched by full path), so
+    other indexed copies of the same photographs cannot inflate the scores.
+    """
+    names = {normalise_path(path): path.name for path in paths}
     rankings: dict[str, dict[str, list[str]]] = {name: {} for name in [*models, "fused"]}
     with Searcher(settings) as searcher:
         for path in paths:
             result = searcher.search(str(path), models=models, k=RANK_DEPTH)
             for model_result in result.models:
-                rankings[model_result.model][path.name] = [
-                    Path(hit.path).name for hit in model_result.hits
-                ]
-            rankings["fused"][path.name] = [Path(hit.path).name for hit in result.fused]
+                rankings[model_result.model][path.name] = names_in_set(
+                    [hit.path for hit in model_result.hits], names)
+            rankings["fused"][path.name] = names_in_set(
+                [hit.path for hit in result.fused], names)
     if len(models) < 2:
         rankings.pop("fused")
     return rankings
+
+
+def names_in_set(result_paths: Sequence[str], names: dict[str, str]) -> list[str]:
+    """The file names of the results that belong to the evaluated set, in rank order."""
+    return [names[path] for path in result_paths if path in names]
 
 
 def markdown_table(scores: dict[str, Scores], indexed: dict[str, int], dead: dict[str, int],

@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import ImgSearchError
 from common.settings import PROJECT_ROOT
 from producer.filters import content_skip_reason, name_skip_reason
 
@@ -15,9 +16,11 @@ log = logging.getLogger(__name__)
 
 UKBENCH = PROJECT_ROOT.parent / "shared" / "data" / "ukbench"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-# scikit-image's bundled photographs (RGB, real scenes); shipped inside the package.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
-                  "motorcycle_right", "cat", "hubble_deep_field", "immunohistochemistry")
+# scikit-image's bundled photographs (real scenes) that ship inside the package itself;
+# the ones it would download on first use are left out.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
+                  "hubble_deep_field", "immunohistochemistry", "retina", "camera", "clock",
+                  "coins", "moon")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ def read_groundtruth(csv_path: Path) -> dict[str, int]:
 
 
 def from_folder(folder: Path, limit: int | None = None) -> PhotoSet:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image file under the folder (sub-folders too), in name order."""
+    if not folder.is_dir():
+        raise ImgSearchError(f"no such folder: {folder}")
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     truth_file = folder / "groundtruth.csv"
     groups = read_groundtruth(truth_file) if truth_file.exists() else None
     if limit is not None:
@@ -43,15 +50,21 @@ def from_folder(folder: Path, limit: int | None = None) -> PhotoSet:
     return PhotoSet(folder.name, folder, files, groups)
 
 
-def from_skimage(target: Path) -> PhotoSet:
+def from_skimage(target: Path, limit: int | None = None) -> PhotoSet:
     """Write scikit-image's sample photographs as JPEGs (no download: they ship with it)."""
     from PIL import Image
     from skimage import data
 
     target.mkdir(parents=True, exist_ok=True)
     files = []
-    for name in SKIMAGE_PHOTOS:
-        pixels = getattr(data, name)()
+    for name in SKIMAGE_PHOTOS[:limit]:
+        loader = getattr(data, name, None)
+        if loader is None:  # names move between scikit-image releases
+            log.warning("scikit-image has no sample named %s; skipped", name)
+            continue
+        pixels = loader()
+        if isinstance(pixels, tuple):  # stereo pairs: keep the left view
+            pixels = pixels[0]
         image = Image.fromarray(pixels).convert("RGB")
         path = target / f"{name}.jpg"
         image.save(path, quality=92)
@@ -66,7 +79,7 @@ def choose(folder: Path | None, scratch: Path, limit: int | None) -> PhotoSet:
     if UKBENCH.is_dir():
         return from_folder(UKBENCH, limit)
     try:
-        return from_skimage(scratch / "skimage-photos")
+        return from_skimage(scratch / "skimage-photos", limit)
     except ImportError as error:
         raise SystemExit(
             "no photographs: pass a folder, or `pip install scikit-image` for its samples"

@@ -247,8 +247,13 @@ class Kafka(Service):
         ]
 
     def start(self) -> str:
-        if self.pid() is None and _port_in_use(self.controller_port):
-            raise StackError(f"kafka: controller port {self.controller_port} in use")
+        if self.pid() is None and not _port_in_use(self.port) and _port_in_use(
+            self.controller_port
+        ):
+            raise StackError(
+                f"kafka: controller port {self.controller_port} in use by another process "
+                f"(stop it, or set IMGSEARCH_STACK__KAFKA_CONTROLLER_PORT to a free port)"
+            )
         return super().start()
 
     def probe(self) -> None:

@@ -36,3 +36,16 @@ def test_missing_mates_count_as_not_found() -> None:
     ap = average_precision("a0", ["a0", "a1", "b0"], GROUPS)
 
     assert ap == pytest.approx(1 / 3)
+
+
+def test_results_outside_the_evaluated_set_do_not_count() -> None:
+    from demo.evaluate import names_in_set
+
+    names = {"/r/set/a0": "a0", "/r/set/a1": "a1", "/r/set/b0": "b0"}
+    results = ["/r/set/a0", "/r/dup/a0", "/r/dup/a1", "/r/set/b0", "/r/set/a1"]
+
+    ranking = names_in_set(results, names)
+
+    # Before, copies elsewhere were matched by file name and gave an mAP of 2.0.
+    assert ranking == ["a0", "b0", "a1"]
+    assert average_precision("a0", ranking, {"a0": 0, "a1": 0, "b0": 1}) == 0.5
