@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", metavar="NAME",
                         help="model to search (repeatable; default: every indexed model)")
     parser.add_argument("-k", type=_k_value, default=10, help="results per model (default 10)")
-    parser.add_argument("--min-score", type=float, default=None, metavar="S",
+    parser.add_argument("--min-score", type=_cosine, default=None, metavar="S",
                         help="leave out results whose cosine similarity is below S")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--html", type=Path, metavar="FILE",
@@ -105,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (default WARNING)")
     return parser
+
+
+def _cosine(text: str) -> float:
+    """A cosine similarity threshold: a number from -1 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a cosine similarity (-1 to 1)")
+    return value
 
 
 def _k_value(text: str) -> int:

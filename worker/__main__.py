@@ -17,6 +17,7 @@ from types import FrameType
 from common.errors import ImgSearchError, ServiceUnavailable, SettingsError
 from common.logs import configure_logging
 from common.mapping import IndexedFile, PathIndex, connect_redis
+from common.registry import UnknownModel, load_registry
 from common.settings import Settings, load_settings, log_effective
 
 log = logging.getLogger("worker")
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         options = _command_parser(args[0]).parse_args(args[1:])
         try:
             if args[0] == "status":
+                known = load_registry(settings.models.registry_file)
+                unknown = sorted(set(options.models or []) - set(known))
+                if unknown:  # an unknown name is an error, not a model that is down
+                    raise UnknownModel(f"unknown model {', '.join(unknown)}; the registry "
+                                       f"has {', '.join(sorted(known))}")
                 return status(settings, options.models or settings.models.enabled)
             return rebuild_mapping(settings, options.model)
         except ServiceUnavailable as error:
