@@ -61,7 +61,7 @@ class Embedder:
     def preprocess(self, image: Image.Image) -> NDArray[np.float32]:
         """Resize, centre-crop, reorder channels and scale: one input, no batch dim."""
         rgb = image if image.mode == "RGB" else to_rgb(image)
-        cropped = _centre_crop(_resize(rgb, self.spec), self.spec.input_size)
+        cropped = resize_and_crop(rgb, self.spec)
 
         pixels = np.asarray(cropped, dtype=np.float32)
         if self.spec.channel_order == "BGR":
@@ -191,25 +191,34 @@ def _input_shape(spec: ModelSpec) -> tuple[int, int, int]:
     return (3, size, size) if spec.layout == "NCHW" else (size, size, 3)
 
 
-def _resize(image: Image.Image, spec: ModelSpec) -> Image.Image:
+def resize_and_crop(image: Image.Image, spec: ModelSpec) -> Image.Image:
+    """The centre crop of the resized image, resampled in one step from its source box.
+
+    Same pixels as resizing the whole image then cropping, but only the crop is ever
+    allocated: a 1x100000 strip would otherwise be resized to 256x25,600,000 first.
+    """
+    resized = _resized_size(image.size, spec)
+    left, top = ((side - spec.input_size) // 2 for side in resized)
+    if resized == image.size:
+        return image.crop((left, top, left + spec.input_size, top + spec.input_size))
+
+    scale_x = image.width / resized[0]
+    scale_y = image.height / resized[1]
+    box = (left * scale_x, top * scale_y, (left + spec.input_size) * scale_x,
+           (top + spec.input_size) * scale_y)
+    return image.resize((spec.input_size, spec.input_size), Image.Resampling.BILINEAR,
+                        box=box)
+
+
+def _resized_size(size: tuple[int, int], spec: ModelSpec) -> tuple[int, int]:
+    """The (width, height) the registry geometry resizes an image to, before the crop."""
     target = spec.resize_short
-    width, height = image.size
+    width, height = size
     if spec.resize == "square":
-        size = (target, target)
-    elif width <= height:
-        size = (target, max(target, round(height * target / width)))
-    else:
-        size = (max(target, round(width * target / height)), target)
-    if size == image.size:
-        return image
-    return image.resize(size, Image.Resampling.BILINEAR)
-
-
-def _centre_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    left = (width - size) // 2
-    top = (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+        return (target, target)
+    if width <= height:
+        return (target, max(target, round(height * target / width)))
+    return (max(target, round(width * target / height)), target)
 
 
 def _filled(

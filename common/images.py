@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from typing import BinaryIO
 
 import numpy as np
@@ -61,7 +62,7 @@ def decode_image(
 
     name = os.fspath(source)
     try:
-        with open(name, "rb") as handle:
+        with _open_regular(name) as handle:
             return _decode_stream(handle, name, max_pixels, min_side)
     except DecodeError:
         raise
@@ -69,8 +70,41 @@ def decode_image(
         raise DecodeError("not_found", f"no such file {name}") from e
     except PermissionError as e:
         raise DecodeError("permission", f"cannot read {name}") from e
+    except ValueError as e:  # a NUL byte in the path: no such file can exist
+        raise DecodeError("not_found", f"invalid path {name!r}: {e}") from e
     except OSError as e:
         raise DecodeError("not_found", f"cannot open {name}: {e}") from e
+
+
+def _open_regular(name: str) -> BinaryIO:
+    """Open a regular file only: a FIFO would block open() forever, a device never end.
+
+    The type is checked before opening (so no device is ever opened) and again on the
+    open descriptor (O_NONBLOCK, so a file swapped for a FIFO in between cannot block).
+    """
+    _require_regular(os.stat(name).st_mode, name)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(name, flags)
+    try:
+        _require_regular(os.fstat(fd).st_mode, name)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _require_regular(mode: int, name: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    raise DecodeError("unsupported_format", f"not a regular file: {_file_kind(mode)} {name}")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((label for test, label in kinds if test(mode)), "special file")
 
 
 def _decode_stream(
@@ -160,12 +194,14 @@ def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
 
 
 def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
-    """Convert any Pillow mode to RGB: alpha over white, wide greyscale stretched by range."""
+    """Convert any Pillow mode to RGB: alpha and tRNS over white, wide greyscale rescaled."""
     try:
+        if _has_colour_key(image):
+            return _flatten_colour_key(image)
         if image.mode == "RGB":
             return image
         if image.mode in _WIDE_GREY_MODES:
-            return _stretch_grey(image).convert("RGB")
+            return Image.fromarray(_grey_to_8bit(image)).convert("RGB")
         if image.mode == "P" or image.mode in _ALPHA_MODES:
             return _flatten_alpha(image)
         if image.mode == "1":
@@ -177,6 +213,36 @@ def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
         raise DecodeError("unsupported_format", f"{name}: mode {image.mode}: {e}") from e
 
 
+def _has_colour_key(image: Image.Image) -> bool:
+    """A tRNS colour key (one fully transparent value) in a greyscale or RGB image."""
+    key = image.info.get("transparency")
+    if image.mode == "RGB":
+        return (isinstance(key, tuple) and len(key) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in key))
+    if image.mode == "L":
+        return isinstance(key, int) and 0 <= key <= 255
+    return image.mode in _WIDE_GREY_MODES and isinstance(key, int)
+
+
+def _flatten_colour_key(image: Image.Image) -> Image.Image:
+    """Pixels equal to the key become the background; the key is compared on raw values.
+
+    Known limit: Pillow reduces 16-bit RGB PNGs to 8 bits but keeps a 16-bit key, which
+    then matches nothing, so such images are not flattened.
+    """
+    key = image.info["transparency"]
+    raw = np.asarray(image)
+    if image.mode == "RGB":
+        hidden = np.all(raw == np.asarray(key, dtype=raw.dtype), axis=-1)
+        rgb = raw.copy()
+    else:
+        hidden = raw == key
+        grey = raw if image.mode == "L" else _grey_to_8bit(image)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    rgb[hidden] = BACKGROUND_RGB
+    return Image.fromarray(rgb, "RGB")
+
+
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     if rgba.getextrema()[3][0] == 255:
@@ -185,20 +251,30 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _stretch_grey(image: Image.Image) -> Image.Image:
-    """Map the values actually present onto 0..255 (16/32-bit and float greyscale).
+_FULL_SCALE_16 = 65535.0
 
-    A flat image has no range to stretch: 16-bit values scale by 65535, others clip.
+
+def _grey_to_8bit(image: Image.Image) -> np.ndarray:
+    """8-bit grey from 16/32-bit integer or float greyscale, keeping absolute brightness.
+
+    16-bit modes and 32-bit values inside 0..65535 scale by full range (/257); floats
+    inside 0..1 by 255. Only values outside those ranges (no known full scale) are
+    mapped from their own min..max; a flat such image is clipped to 0..255.
     """
     values = np.asarray(image).astype(np.float64)
     finite = values[np.isfinite(values)]
     low = float(finite.min()) if finite.size else 0.0
     high = float(finite.max()) if finite.size else 0.0
-    if high > low:
+
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0
+                                          and high <= _FULL_SCALE_16):
+        scaled = values * (255.0 / _FULL_SCALE_16)
+    elif image.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif high > low:
         scaled = (values - low) * (255.0 / (high - low))
-    elif image.mode.startswith("I;16"):
-        scaled = values * (255.0 / 65535.0)
     else:
         scaled = values
+
     scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

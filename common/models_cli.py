@@ -46,6 +46,10 @@ class ExportError(ImgSearchError):
     """A model cannot be exported here (missing packages) or failed its checks."""
 
 
+class CacheError(ImgSearchError):
+    """The model cache directory cannot hold the file (not a directory, not writable)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok, 1 failed, 2 usage)."""
     args = _parser().parse_args(argv)
@@ -117,13 +121,24 @@ def fetch_model(name: str, settings: Settings) -> Path:
 
 
 def _download(spec: ModelSpec, tmp: Path, settings: Settings) -> None:
+    """Stream the url into tmp, bounded by an overall deadline and a size cap.
+
+    Known limit: the deadline is checked between reads, so one stalled read (or a server
+    trickling its headers) can overrun it by up to min(fetch_timeout_s, fetch_deadline_s).
+    """
     url = spec.source.url or ""
+    options = settings.models
     started = time.monotonic()
     digest = hashlib.sha256()
+    received = 0
     try:
-        with urllib.request.urlopen(url, timeout=settings.models.fetch_timeout_s) as reply, \
+        with urllib.request.urlopen(
+                url, timeout=min(options.fetch_timeout_s, options.fetch_deadline_s)) as reply, \
                 open(tmp, "wb") as out:
-            while chunk := reply.read(1 << 20):
+            _check_declared_length(spec, reply.headers.get("Content-Length"), options)
+            while chunk := _read_chunk(reply):
+                received += len(chunk)
+                _check_progress(spec, received, time.monotonic() - started, options)
                 digest.update(chunk)
                 out.write(chunk)
     except (urllib.error.URLError, OSError) as e:
@@ -133,25 +148,65 @@ def _download(spec: ModelSpec, tmp: Path, settings: Settings) -> None:
     if digest.hexdigest() != expected:
         raise FetchError(f"model {spec.name}: sha256 of {url} is {digest.hexdigest()}, "
                          f"expected {expected}; file discarded")
-    log.info("fetched model=%s bytes=%d duration_s=%.1f", spec.name, tmp.stat().st_size,
+    log.info("fetched model=%s bytes=%d duration_s=%.1f", spec.name, received,
              time.monotonic() - started)
+
+
+def _read_chunk(reply: Any, chunk_bytes: int = 1 << 20) -> bytes:
+    """Whatever one socket read brings (read1), so the deadline is checked between reads."""
+    read1 = getattr(reply, "read1", None)
+    return read1(chunk_bytes) if read1 else reply.read(chunk_bytes)
+
+
+def _check_declared_length(spec: ModelSpec, declared: str | None, options: Any) -> None:
+    if declared is None or not declared.strip().isdigit():
+        return
+    if int(declared) > options.max_download_bytes:
+        raise FetchError(f"model {spec.name}: server declares Content-Length {declared} "
+                         f"bytes, over models.max_download_bytes="
+                         f"{options.max_download_bytes}; not downloaded")
+
+
+def _check_progress(spec: ModelSpec, received: int, elapsed_s: float, options: Any) -> None:
+    if received > options.max_download_bytes:
+        raise FetchError(f"model {spec.name}: download exceeds models.max_download_bytes="
+                         f"{options.max_download_bytes}; stopped after {received} bytes")
+    if elapsed_s > options.fetch_deadline_s:
+        raise FetchError(f"model {spec.name}: download exceeds models.fetch_deadline_s="
+                         f"{options.fetch_deadline_s:g} ({received} bytes in "
+                         f"{elapsed_s:.1f} s); stopped")
 
 
 def _install(spec: ModelSpec, target: Path, produce: Callable[[Path], None]) -> Path:
     """Produce the file beside its target, verify it, then move it in atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                    suffix=".part")
-    os.close(handle)
-    tmp = Path(name)
+    tmp = _temporary_beside(target)
     try:
         produce(tmp)
         verify_model(with_file(spec, tmp))
-        os.replace(tmp, target)
+        _move_into_cache(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("model_installed model=%s path=%s", spec.name, target)
     return target
+
+
+def _temporary_beside(target: Path) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                        suffix=".part")
+    except OSError as e:
+        raise CacheError(f"model cache {target.parent} is not a usable directory "
+                         f"(set IMGSEARCH_MODELS__CACHE_DIR): {e}") from e
+    os.close(handle)
+    return Path(name)
+
+
+def _move_into_cache(tmp: Path, target: Path) -> None:
+    try:
+        os.replace(tmp, target)
+    except OSError as e:
+        raise CacheError(f"cannot install the model as {target}: {e}") from e
 
 
 def verify_model(spec: ModelSpec) -> None:

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
+import re
 import threading
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,10 @@ LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_ORDERS = ("RGB", "BGR")
 RESIZE_MODES = ("short_side", "square")
 METRICS = ("COSINE",)
+MAX_SIDE = 4096
+"""Upper bound for input_size and resize_short: larger is a typo, and costs memory."""
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_SOURCE_KEYS = ("file", "package", "package_file", "url", "sha256", "export", "extra")
 
 _REQUIRED = ("version", "input", "layout", "input_size", "resize_short", "channel_order",
              "mean", "std", "output", "dim")
@@ -118,6 +124,8 @@ def load_registry(path: Path) -> dict[str, ModelSpec]:
         raise RegistryError(f"cannot read model registry {path}: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(f"model registry {path} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise RegistryError(f"model registry {path} is not UTF-8 text: {e}") from e
 
     tables = document.get("models")
     if not isinstance(tables, dict) or not tables:
@@ -134,24 +142,24 @@ def _parse_entry(name: str, entry: Any, path: Path) -> ModelSpec:
     try:
         spec = ModelSpec(
             name=name,
-            version=str(entry["version"]),
-            declared_version=str(entry["version"]),
+            version=_text(entry["version"], "version", where),
+            declared_version=_text(entry["version"], "version", where),
             dim=_positive_int(entry["dim"], "dim", where),
             metric=_choice(entry.get("metric", "COSINE"), METRICS, "metric", where),
-            input_size=_positive_int(entry["input_size"], "input_size", where),
-            resize_short=_positive_int(entry["resize_short"], "resize_short", where),
+            input_size=_side(entry["input_size"], "input_size", where),
+            resize_short=_side(entry["resize_short"], "resize_short", where),
             resize=_choice(entry.get("resize", "short_side"), RESIZE_MODES, "resize", where),
-            input_name=str(entry["input"]),
+            input_name=_text(entry["input"], "input", where),
             layout=_choice(entry["layout"], LAYOUTS, "layout", where),
             channel_order=_choice(entry["channel_order"], CHANNEL_ORDERS, "channel_order",
                                   where),
             mean=_triple(entry["mean"], "mean", where),
             std=_triple(entry["std"], "std", where),
-            output=str(entry["output"]),
-            logits=entry.get("logits"),
+            output=_text(entry["output"], "output", where),
+            logits=_optional_text(entry, "logits", where),
             golden=tuple(sorted((str(k), int(v)) for k, v in entry.get("golden", {}).items())),
             source=_parse_source(entry, where),
-            description=str(entry.get("description", "")),
+            description=_optional_text(entry, "description", where) or "",
         )
     except (TypeError, ValueError, AttributeError) as e:
         raise RegistryError(f"{where}: {e}") from e
@@ -170,16 +178,14 @@ def _check_keys(entry: dict[str, Any], where: str) -> None:
 
 
 def _parse_source(entry: dict[str, Any], where: str) -> ModelSource:
-    source = ModelSource(**{key: entry.get(key) for key in
-                            ("file", "package", "package_file", "url", "sha256", "export",
-                             "extra")})
+    source = ModelSource(**{key: _optional_text(entry, key, where) for key in _SOURCE_KEYS})
     if bool(source.file) == bool(source.package):
         raise RegistryError(f"{where}: set exactly one of 'file' or 'package'")
     if source.package and not source.package_file:
         raise RegistryError(f"{where}: 'package' needs 'package_file'")
     if source.url and not source.sha256:
         raise RegistryError(f"{where}: 'url' needs 'sha256' to check the download")
-    if source.sha256 and len(source.sha256) != 64:
+    if source.sha256 is not None and not _SHA256.fullmatch(source.sha256):
         raise RegistryError(f"{where}: 'sha256' must be 64 hex digits")
     return source
 
@@ -188,13 +194,33 @@ def _check_geometry(spec: ModelSpec, where: str) -> None:
     if spec.resize_short < spec.input_size:
         raise RegistryError(f"{where}: resize_short {spec.resize_short} is smaller than "
                             f"input_size {spec.input_size}")
-    if any(value == 0 for value in spec.std):
-        raise RegistryError(f"{where}: std values must be non-zero")
+    if any(value <= 0 for value in spec.std):
+        raise RegistryError(f"{where}: std values must be > 0, got {list(spec.std)}")
 
 
 def _positive_int(value: Any, key: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise RegistryError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _side(value: Any, key: str, where: str) -> int:
+    side = _positive_int(value, key, where)
+    if side > MAX_SIDE:
+        raise RegistryError(f"{where}: {key} must be at most {MAX_SIDE}, got {side}")
+    return side
+
+
+def _text(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RegistryError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_text(entry: dict[str, Any], key: str, where: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RegistryError(f"{where}: {key} must be a string, got {value!r}")
     return value
 
 
@@ -207,9 +233,13 @@ def _choice(value: Any, allowed: tuple[str, ...], key: str, where: str) -> str:
 
 
 def _triple(value: Any, key: str, where: str) -> tuple[float, float, float]:
-    if not isinstance(value, list) or len(value) != 3:
+    numbers = isinstance(value, list) and all(
+        isinstance(item, (int, float)) and not isinstance(item, bool) for item in value)
+    if not numbers or len(value) != 3:
         raise RegistryError(f"{where}: {key} must be a list of 3 numbers (0-255 units)")
     first, second, third = (float(item) for item in value)
+    if not all(math.isfinite(item) for item in (first, second, third)):
+        raise RegistryError(f"{where}: {key} values must be finite, got {value!r}")
     return (first, second, third)
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,11 +18,12 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from common.embedder import Embedder, ModelLoadError, get_embedder
+from common.embedder import Embedder, ModelLoadError, get_embedder, resize_and_crop
 from common.images import DecodeError, decode_image
 from common.registry import ModelSpec, resolve_model, with_file
 from common.settings import load_settings
 from conftest import EFFICIENTNET, require
+from test_images import fifo_rescue
 
 LIMIT = 10_000_000
 COLOUR = (200, 100, 50)
@@ -143,6 +150,84 @@ def test_embed_files_keeps_order_and_returns_failures(tmp_path: Path) -> None:
     assert embedder.images_embedded == 5
 
 
+@pytest.mark.timeout(20)
+def test_a_fifo_in_the_batch_fails_fast_and_the_rest_embed(tmp_path: Path) -> None:
+    embedder = Embedder(_tiny_spec(_tiny_onnx(tmp_path / "tiny.onnx")), max_batch=2)
+    Image.new("RGB", (9, 9), COLOUR).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    started = time.monotonic()
+
+    with fifo_rescue(tmp_path / "pipe.jpg", after_s=3.0):
+        results = embedder.embed_files(
+            [str(tmp_path / "pipe.jpg"), str(tmp_path / "good.png")], max_pixels=LIMIT)
+
+    assert time.monotonic() - started < 2.0
+    assert isinstance(results[0], DecodeError) and results[0].reason == "unsupported_format"
+    np.testing.assert_allclose(results[1], _unit([*COLOUR, sum(COLOUR)]), atol=1e-6)
+
+
+@pytest.mark.parametrize("resize", ["square", "short_side"])
+@pytest.mark.parametrize("size", [(451, 300), (3, 700), (1999, 37), (224, 224), (256, 300)])
+def test_one_step_resize_matches_resize_then_crop(resize: str, size: tuple[int, int]) -> None:
+    spec = ModelSpec(name="g", version="1", dim=1, metric="COSINE", input_size=224,
+                     resize_short=256, resize=resize)
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    width, height = size
+    scale = 256 / min(width, height)
+    full = (256, 256) if resize == "square" else (max(256, round(width * scale)),
+                                                  max(256, round(height * scale)))
+    resized = image.resize(full, Image.Resampling.BILINEAR) if full != size else image
+    left, top = (full[0] - 224) // 2, (full[1] - 224) // 2
+
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=int)
+    found = np.asarray(resize_and_crop(image, spec), dtype=int)
+
+    assert found.shape == (224, 224, 3)
+    assert np.abs(found - expected).max() <= 1  # float rounding of the sample centres
+    assert (found != expected).mean() < 0.25
+
+
+_THIN_STRIP_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+from common.embedder import Embedder
+from common.registry import ModelSpec, with_file
+model, picture = sys.argv[1], sys.argv[2]
+spec = ModelSpec(name="tiny", version="1", declared_version="1", dim=4, metric="COSINE",
+                 input_size=224, resize_short=256, resize="short_side", input_name="x",
+                 layout="NCHW", std=(255.0, 255.0, 255.0), output="feat")
+result = Embedder(with_file(spec, Path(model))).embed_files([picture], max_pixels=10**7)[0]
+print(json.dumps({"vector": getattr(result, "tolist", lambda: str(result))(),
+                  "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _cap_address_space() -> None:
+    """A regression asks Pillow for ~26 GB: under this cap it fails instead of paging."""
+    cap_bytes = 1536 * 1024**2  # the process itself peaks near 500 MB of address space
+    resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+
+
+@pytest.mark.timeout(60)
+def test_thin_strip_embeds_its_centre_crop_with_bounded_memory(tmp_path: Path) -> None:
+    column = np.zeros((100_000, 1), dtype=np.uint8)
+    column[49_990:50_010] = 180  # only the centre rows are grey
+    Image.fromarray(column).save(tmp_path / "strip.png", optimize=True)
+    assert (tmp_path / "strip.png").stat().st_size < 1000
+    model = _tiny_onnx(tmp_path / "tiny224.onnx", size=224)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _THIN_STRIP_SCRIPT, str(model), str(tmp_path / "strip.png")],
+        capture_output=True, text=True, timeout=50, preexec_fn=_cap_address_space)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert isinstance(outcome["vector"], list), outcome["vector"]  # else the DecodeError
+    np.testing.assert_allclose(outcome["vector"], _unit([180, 180, 180, 540]), atol=1e-6)
+    assert outcome["peak_rss_kb"] < 400 * 1024
+
+
 def test_intra_op_threads_reach_the_session(tmp_path: Path) -> None:
     embedder = Embedder(_tiny_spec(_tiny_onnx(tmp_path / "tiny.onnx")), intra_op_threads=1)
 
@@ -235,3 +320,19 @@ def test_nhwc_bgr_nsfw_model_embeds_its_pooled_tensor() -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
     assert float(vectors[0] @ vectors[1]) > 0.95
+
+
+def test_low_contrast_grey_embeds_alike_in_8_and_16_bits(lite: Embedder, tmp_path: Path) -> None:
+    grey = np.asarray(_sample("chelsea").convert("L"), dtype=np.float64)
+    low = np.rint(100 + grey * 40 / 255)  # values 100..140 only
+    Image.fromarray(low.astype(np.uint8)).save(tmp_path / "grey8.png")
+    Image.fromarray((low * 257).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((300, 451), 128 * 257, dtype=np.uint16)).save(tmp_path / "flat.png")
+
+    eight, sixteen, flat = lite.embed_files(
+        [str(tmp_path / name) for name in ("grey8.png", "grey16.png", "flat.png")],
+        max_pixels=LIMIT)
+
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert float(np.dot(eight, sixteen)) > 0.99
+    assert float(np.dot(eight, flat)) < float(np.dot(eight, sixteen))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,27 +85,85 @@ def test_rgba_half_transparent_red_over_white() -> None:
     assert red == 255 and abs(green - 127) <= 1 and green == blue
 
 
-def test_16_bit_grey_is_stretched_not_clipped() -> None:
-    values = np.array([[1000, 2000, 3000]], dtype=np.uint16)
-    grey16 = Image.fromarray(values)
+def test_16_bit_grey_is_rescaled_by_full_scale_not_clipped() -> None:
+    values = np.array([[1000, 2000, 3000, 65535]], dtype=np.uint16)
+    grey16 = Image.fromarray(values[:, :3])
     assert grey16.mode.startswith("I;16")
 
-    decoded = decode_image(_encode(grey16, "PNG"), max_pixels=LIMIT)
+    dark = decode_image(_encode(grey16, "PNG"), max_pixels=LIMIT)
+    full = decode_image(_encode(Image.fromarray(values), "PNG"), max_pixels=LIMIT)
 
-    assert [_pixel(decoded, x, 0) for x in range(3)] == [(0, 0, 0), (128, 128, 128),
-                                                         (255, 255, 255)]
+    assert [_pixel(dark, x, 0) for x in range(3)] == [(4, 4, 4), (8, 8, 8), (12, 12, 12)]
+    assert _pixel(full, 3, 0) == (255, 255, 255)
 
 
-def test_32_bit_int_and_float_grey_use_their_real_range() -> None:
-    ints = Image.fromarray(np.array([[-5_000_000, 0, 5_000_000]], dtype=np.int32))
-    floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32))
-    assert (ints.mode, floats.mode) == ("I", "F")
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_flat_mid_grey_16_bit_stays_mid_grey(fmt: str) -> None:
+    values = np.full((6, 5), 32768, dtype=np.uint16)
+    values[2, 2] = 32800  # a speck a range-stretch would turn white, the rest black
+    flat = Image.fromarray(values)
 
-    decoded_ints = decode_image(_encode(ints, "TIFF"), max_pixels=LIMIT)
-    decoded_floats = decode_image(_encode(floats, "TIFF"), max_pixels=LIMIT)
+    decoded = decode_image(_encode(flat, fmt), max_pixels=LIMIT)
 
-    assert [_pixel(decoded_ints, x, 0)[0] for x in range(3)] == [0, 128, 255]
-    assert [_pixel(decoded_floats, x, 0)[0] for x in range(3)] == [0, 64, 255]
+    pixels = np.asarray(decoded).astype(int)
+    assert pixels.min() >= 127 and pixels.max() <= 128
+
+
+def test_32_bit_int_grey_within_16_bits_uses_full_scale_else_its_range() -> None:
+    in_range = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32))
+    wide = Image.fromarray(np.array([[-5_000_000, 0, 5_000_000]], dtype=np.int32))
+    flat = Image.fromarray(np.full((2, 2), 20_000, dtype=np.int32))
+    assert in_range.mode == wide.mode == flat.mode == "I"
+
+    decoded = [decode_image(_encode(image, "TIFF"), max_pixels=LIMIT)
+               for image in (in_range, wide, flat)]
+
+    assert [_pixel(decoded[0], x, 0)[0] for x in range(3)] == [0, 128, 255]
+    assert [_pixel(decoded[1], x, 0)[0] for x in range(3)] == [0, 128, 255]
+    assert _pixel(decoded[2], 1, 1) == (78, 78, 78)  # 20000 / 257, not clipped to 255
+
+
+def test_float_grey_within_0_1_scales_by_255_else_uses_its_range() -> None:
+    unit = Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32))
+    flat = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))
+    wide = Image.fromarray(np.array([[-1.0, 0.0, 3.0]], dtype=np.float32))
+    assert unit.mode == flat.mode == wide.mode == "F"
+
+    decoded = [decode_image(_encode(image, "TIFF"), max_pixels=LIMIT)
+               for image in (unit, flat, wide)]
+
+    assert [_pixel(decoded[0], x, 0)[0] for x in range(3)] == [0, 64, 255]
+    assert _pixel(decoded[1], 0, 0) == (128, 128, 128)
+    assert [_pixel(decoded[2], x, 0)[0] for x in range(3)] == [0, 64, 255]
+
+
+def test_trns_colour_key_in_grey_png_becomes_white() -> None:
+    grey = Image.new("L", (3, 1), 7)
+    grey.putpixel((2, 0), 90)
+
+    decoded = decode_image(_encode(grey, "PNG", transparency=7), max_pixels=LIMIT)
+
+    assert _pixel(decoded, 0, 0) == (255, 255, 255)
+    assert _pixel(decoded, 2, 0) == (90, 90, 90)
+
+
+def test_trns_colour_key_in_rgb_png_becomes_white() -> None:
+    rgb = Image.new("RGB", (3, 1), (1, 2, 3))
+    rgb.putpixel((1, 0), (1, 2, 4))
+
+    decoded = decode_image(_encode(rgb, "PNG", transparency=(1, 2, 3)), max_pixels=LIMIT)
+
+    assert _pixel(decoded, 0, 0) == (255, 255, 255)
+    assert _pixel(decoded, 1, 0) == (1, 2, 4)
+
+
+def test_trns_colour_key_in_16_bit_grey_png_becomes_white() -> None:
+    grey16 = Image.fromarray(np.array([[500, 32768]], dtype=np.uint16))
+
+    decoded = decode_image(_encode(grey16, "PNG", transparency=500), max_pixels=LIMIT)
+
+    assert _pixel(decoded, 0, 0) == (255, 255, 255)
+    assert _pixel(decoded, 1, 0) == (128, 128, 128)
 
 
 def test_plain_greyscale_keeps_its_value() -> None:
@@ -199,3 +262,62 @@ def test_unreadable_file_is_permission(tmp_path: Path) -> None:
     path.chmod(0)
 
     assert _reason(path) == "permission"
+
+
+@contextmanager
+def fifo_rescue(fifo: Path, after_s: float) -> Iterator[None]:
+    """If a reader is still blocked in open() after after_s, open the writer end and close
+    it, so a regression fails the test (a late, wrong result) instead of hanging the run."""
+    def rescue() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader is waiting: nothing to rescue
+
+    timer = threading.Timer(after_s, rescue)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _timed_reason(path: object) -> tuple[str, str, float]:
+    started = time.monotonic()
+    with pytest.raises(DecodeError) as caught:
+        decode_image(path, max_pixels=LIMIT)  # type: ignore[arg-type]
+    return caught.value.reason, caught.value.detail, time.monotonic() - started
+
+
+@pytest.mark.timeout(10)
+def test_fifo_named_jpg_fails_fast_instead_of_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    with fifo_rescue(fifo, after_s=3.0):
+        reason, detail, elapsed_s = _timed_reason(fifo)
+
+    assert (reason, elapsed_s < 1.0) == ("unsupported_format", True)
+    assert detail.startswith("not a regular file: fifo")
+
+
+@pytest.mark.timeout(10)
+def test_directory_socket_and_device_are_not_regular_files(tmp_path: Path) -> None:
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "sock.jpg"))
+    try:
+        outcomes = [_timed_reason(path)[:2] for path in
+                    (folder, tmp_path / "sock.jpg", Path("/dev/null"))]
+    finally:
+        listener.close()
+
+    assert [reason for reason, _ in outcomes] == ["unsupported_format"] * 3
+    assert [detail.split(" ")[4] for _, detail in outcomes] == ["directory", "socket",
+                                                                 "character"]
+
+
+def test_path_with_a_nul_byte_is_not_found(tmp_path: Path) -> None:
+    assert _reason(str(tmp_path / "bad\x00name.jpg")) == "not_found"
+    assert _reason(Path(tmp_path, "x\x00.png")) == "not_found"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import onnx
@@ -177,3 +179,127 @@ def test_export_without_torch_says_what_to_install(
     assert f"`models export {name}` needs torch" in error
     assert "pip install 'imgsearch[export]'" in error
     assert not env.exists()
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """Declares `declared` bytes (None: no Content-Length) and sends `total` bytes in
+    `step`-byte writes `pause_s` apart; gives up after 10 s or when the client leaves."""
+
+    declared: int | None = None
+    total = 0
+    step = 1
+    pause_s = 0.0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.declared is not None:
+            self.send_header("Content-Length", str(self.declared))
+        self.end_headers()
+        started, sent = time.monotonic(), 0
+        try:
+            while sent < self.total and time.monotonic() - started < 10:
+                self.wfile.write(b"\0" * self.step)
+                self.wfile.flush()
+                sent += self.step
+                time.sleep(self.pause_s)
+        except OSError:
+            pass  # the client hung up, as it should
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[Callable[..., str]]:
+    """Start loopback servers of _SlowHandler with given attributes; returns their url."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(**behaviour: object) -> str:
+        handler = type("Slow", (_SlowHandler,), behaviour)
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_fetch_from_a_trickling_server_stops_at_the_overall_deadline(
+    slow_server, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = slow_server(declared=100_000, total=100_000, step=1, pause_s=0.05)
+    _registry(tmp_path, monkeypatch, url, "0" * 64)
+    monkeypatch.setenv("IMGSEARCH_MODELS__FETCH_TIMEOUT_S", "5")
+    monkeypatch.setenv("IMGSEARCH_MODELS__FETCH_DEADLINE_S", "1")
+    started = time.monotonic()
+
+    code = main(["fetch", "tiny"])
+
+    assert code == 1 and time.monotonic() - started < 3.0
+    assert "download exceeds models.fetch_deadline_s=1" in capsys.readouterr().err
+    assert list(env.iterdir()) == []
+
+
+def test_fetch_refuses_a_declared_length_over_the_cap(
+    server, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base, root, requests = server
+    content = _tiny_onnx(root / "tiny.onnx")
+    _registry(tmp_path, monkeypatch, f"{base}/tiny.onnx", hashlib.sha256(content).hexdigest())
+    monkeypatch.setenv("IMGSEARCH_MODELS__MAX_DOWNLOAD_BYTES", str(len(content) - 1))
+
+    code = main(["fetch", "tiny"])
+
+    assert code == 1 and requests == ["/tiny.onnx"]
+    error = capsys.readouterr().err
+    assert f"declares Content-Length {len(content)} bytes, over models.max_download_bytes=" \
+           f"{len(content) - 1}" in error
+    assert list(env.iterdir()) == []
+
+
+@pytest.mark.timeout(30)
+def test_fetch_stops_streaming_past_the_cap_without_content_length(
+    slow_server, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    total = 64 * 1024 * 1024
+    url = slow_server(declared=None, total=total, step=64 * 1024, pause_s=0.0)
+    _registry(tmp_path, monkeypatch, url, "0" * 64)
+    monkeypatch.setenv("IMGSEARCH_MODELS__MAX_DOWNLOAD_BYTES", "100000")
+
+    code = main(["fetch", "tiny"])
+
+    assert code == 1
+    error = capsys.readouterr().err
+    stopped = re.search(r"exceeds models.max_download_bytes=100000; stopped after (\d+)", error)
+    assert stopped is not None, error
+    assert 100_000 < int(stopped.group(1)) < total
+    assert list(env.iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["cache_is_a_file", "file_in_the_path"])
+def test_fetch_into_an_unusable_cache_dir_is_an_error_line(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], layout: str,
+) -> None:
+    base, root, _ = server
+    content = _tiny_onnx(root / "tiny.onnx")
+    _registry(tmp_path, monkeypatch, f"{base}/tiny.onnx", hashlib.sha256(content).hexdigest())
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file")
+    cache = blocker if layout == "cache_is_a_file" else blocker / "models"
+    monkeypatch.setenv("IMGSEARCH_MODELS__CACHE_DIR", str(cache))
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+    code = main(["fetch", "tiny"])
+
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: model cache ") and "not a usable directory" in error
+    assert blocker.read_text() == "a regular file"

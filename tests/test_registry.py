@@ -132,6 +132,23 @@ def test_missing_file_says_how_to_get_it(tmp_path: Path) -> None:
     (('version = "3"', 'version = "3"\ncolour = 1'), "unknown keys colour"),
     (('file = "tiny.onnx"', 'file = "tiny.onnx"\nurl = "https://x/y"'), "needs 'sha256'"),
     (("std = [1.0, 1.0, 1.0]", "std = [1.0, 1.0]"), "std must be a list of 3"),
+    (('file = "tiny.onnx"', "file = 7"), "file must be a string"),
+    (('file = "tiny.onnx"', 'file = "tiny.onnx"\nurl = ["https://x/y"]\nsha256 = "'
+      + "a" * 64 + '"'), "url must be a string"),
+    (('file = "tiny.onnx"', 'package = 1\npackage_file = "m.onnx"'),
+     "package must be a string"),
+    (("mean = [0.0, 0.0, 0.0]", "mean = [0.0, nan, 0.0]"), "mean values must be finite"),
+    (("std = [1.0, 1.0, 1.0]", "std = [1.0, nan, 1.0]"), "std values must be finite"),
+    (("std = [1.0, 1.0, 1.0]", "std = [1.0, inf, 1.0]"), "std values must be finite"),
+    (("std = [1.0, 1.0, 1.0]", "std = [1.0, -2.0, 1.0]"), "std values must be > 0"),
+    (("std = [1.0, 1.0, 1.0]", 'std = [1.0, "2", 1.0]'), "std must be a list of 3"),
+    (('file = "tiny.onnx"', 'file = "tiny.onnx"\nsha256 = "' + "g" * 64 + '"'),
+     "'sha256' must be 64 hex digits"),
+    (('version = "3"', "version = 3"), "version must be a non-empty string"),
+    (('input = "x"', "input = 1"), "input must be a non-empty string"),
+    (("resize_short = 8", "resize_short = 100000"), "resize_short must be at most 4096"),
+    (("input_size = 8", "input_size = 5000"), "input_size must be at most 4096"),
+    (("input_size = 8", "input_size = 16"), "smaller than input_size"),
 ])
 def test_invalid_entries_fail_with_the_model_named(
     tmp_path: Path, change: tuple[str, str], message: str
@@ -151,6 +168,21 @@ def test_broken_toml_is_a_registry_error(tmp_path: Path) -> None:
 
     with pytest.raises(RegistryError, match="not valid TOML"):
         load_registry(path)
+
+
+def test_non_utf8_registry_is_a_registry_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(ENTRY.replace('"3"', '"3 caf\u00e9"').encode("latin-1"))
+
+    with pytest.raises(RegistryError, match="is not UTF-8 text"):
+        load_registry(path)
+
+
+def test_valid_sha256_in_either_case_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(ENTRY + 'url = "https://x/tiny.onnx"\nsha256 = "' + "aB" * 32 + '"\n')
+
+    assert load_registry(path)["tiny"].source.sha256 == "aB" * 32
 
 
 def test_available_models_skips_missing_files(tmp_path: Path) -> None:
