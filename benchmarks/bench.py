@@ -114,6 +114,18 @@ def decode_rate(embedder: Embedder, files: Sequence[Path], settings: Settings,
     return len(files) / seconds
 
 
+def in_process_rate(embedder: Embedder, files: Sequence[Path], settings: Settings) -> float:
+    """Decode + preprocess + embed with the worker's own code and pool, no services: the
+    real ceiling of one worker process on this machine, since decoding and inference
+    share the same cores."""
+    paths = [str(p) for p in files]
+    with ThreadPoolExecutor(settings.worker.decode_threads) as pool:
+        embedder.embed_files(paths[:8], max_pixels=settings.images.max_pixels, pool=pool)
+        seconds = timed(lambda: embedder.embed_files(
+            paths, max_pixels=settings.images.max_pixels, pool=pool))
+    return len(paths) / seconds
+
+
 # 4. the naive way --------------------------------------------------------------------------
 
 def naive_rate(spec: ModelSpec, model_file: Path, files: Sequence[Path]) -> float:
@@ -310,13 +322,16 @@ def per_model(spec: ModelSpec, settings: Settings, inputs: dict[str, list[Path]]
         ceiling, batch = compute_ceiling(embedder, tensors)
         pipeline = pipeline_rate(spec.name, files)
         naive = naive_rate(spec, spec.path, files[:naive_count])
+        decode_and_embed = in_process_rate(embedder, files, settings)
         figures[label] = {
             "ceiling_images_per_s": ceiling, "ceiling_batch": batch,
             "decode_1_thread_images_per_s": decode_rate(embedder, files, settings, 1),
             f"decode_{threads}_threads_images_per_s": decode_rate(embedder, files, settings,
                                                                   threads),
+            "decode_and_embed_images_per_s": decode_and_embed,
             "pipeline_images_per_s": pipeline,
             "pipeline_vs_ceiling": pipeline / ceiling,
+            "pipeline_vs_decode_and_embed": pipeline / decode_and_embed,
             "naive_images_per_s": naive,
             "speedup_vs_naive": pipeline / naive,
             "worker_peak_rss_mib": worker_peak_memory(spec.name, files),
@@ -325,14 +340,20 @@ def per_model(spec: ModelSpec, settings: Settings, inputs: dict[str, list[Path]]
 
 
 def print_report(report: dict) -> None:
+    print("\nimages/s: ceiling = model alone on ready tensors; dec = decode + preprocess; "
+          "dec+emb = both\nin-process with the worker's pool, no services; pipeline = Kafka "
+          "events to Milvus rows")
     print(f"\n{'model':20s} {'input':6s} {'ceiling':>9s} {'dec x1':>8s} {'dec pool':>9s} "
-          f"{'pipeline':>9s} {'/ceil':>6s} {'naive':>7s} {'speedup':>8s} {'peak MiB':>9s}")
+          f"{'dec+emb':>8s} {'pipeline':>9s} {'/ceil':>6s} {'/d+e':>6s} {'naive':>7s} "
+          f"{'speedup':>8s} {'peak MiB':>9s}")
     for model, inputs in report["models"].items():
         for label, f in inputs.items():
             pool = next(v for k, v in f.items() if k.startswith("decode_") and "_1_" not in k)
             print(f"{model:20s} {label:6s} {f['ceiling_images_per_s']:9.1f} "
                   f"{f['decode_1_thread_images_per_s']:8.1f} {pool:9.1f} "
+                  f"{f['decode_and_embed_images_per_s']:8.1f} "
                   f"{f['pipeline_images_per_s']:9.1f} {f['pipeline_vs_ceiling']:6.2f} "
+                  f"{f['pipeline_vs_decode_and_embed']:6.2f} "
                   f"{f['naive_images_per_s']:7.2f} {f['speedup_vs_naive']:8.1f} "
                   f"{f['worker_peak_rss_mib']:9.0f}")
     live = report["live"]
