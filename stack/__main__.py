@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="kafka, redis, milvus (default: all)")
     args = parser.parse_args(argv)
     configure_logging("INFO")
+    # Readiness probes fail on purpose until a service answers; the client's errors for
+    # those refused connections are noise here.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         settings = load_settings()
         chosen = _select(services(settings), args.names)
