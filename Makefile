@@ -24,7 +24,7 @@ down:
 status:
 	$(PY) -m stack status
 
-demo: up
+demo: setup
 	$(PY) -m demo $(DEMO_ARGS)
 
 test: up

@@ -1,9 +1,9 @@
 """`python -m demo [FOLDER]`: the main job, end to end, on real photographs.
 
-Starts the producer and one worker per available model, copies the photographs into the
-watched folder, waits until every model has indexed every file (with progress), runs a
-few queries through `python -m searcher`, writes the HTML results page, and stops what it
-started unless `--keep`.
+Starts the local stack where it is not running, the producer and one worker per available
+model, copies the photographs into the watched folder, waits until every model has
+indexed every file (with progress), runs a few queries through `python -m searcher`,
+writes the HTML results page, and stops what it started unless `--keep`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=3)
     parser.add_argument("--html", type=Path, default=DEMO_DIR / "results.html")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
-    parser.add_argument("--keep", action="store_true", help="leave producer and workers up")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the producer, the workers and the local stack running")
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -89,7 +90,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def start_stack(settings: Settings) -> list:
+    """Start the local services that do not answer yet; returns the ones this run started."""
+    from stack.services import services
+
+    started = []
+    for name, service in services(settings).items():
+        if not service.is_ready():
+            print(f"starting {name} ...", flush=True)
+            service.start()
+            started.append(service)
+    return started
+
+
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    started = start_stack(settings)
+    try:
+        return _run_pipeline(settings, args)
+    finally:
+        if args.keep:
+            if started:
+                print("local stack left running; stop it with `make down`")
+        else:
+            for service in reversed(started):
+                print(f"{service.name}: {service.stop()}")
+
+
+def _run_pipeline(settings: Settings, args: argparse.Namespace) -> int:
     models = pick_models(settings)
     photo_set = photos.choose(args.folder, DEMO_DIR, args.limit)
     root = settings.watch.roots[0]
