@@ -104,7 +104,7 @@ def _model_block(model: ModelResult, thumbnail: Callable[[str], str]) -> str:
     heading = (
         f"<h3>{_text(model.model)} <small>version {_text(model.version)}, "
         f"metric {_text(model.metric.lower())}, {len(model.hits)} results, "
-        f"{model.left_out} left out (file no longer exists)</small></h3>"
+        f"{model.left_out} left out (files gone from disk)</small></h3>"
     )
     figures = [_hit_figure(hit, thumbnail) for hit in model.hits]
     return heading + "\n<div class=\"grid\">\n" + "\n".join(figures) + "\n</div>"

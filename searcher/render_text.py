@@ -28,7 +28,7 @@ def render_result(result: SearchResult) -> str:
 def _model_table(model: ModelResult) -> str:
     header = (
         f"model {model.model} (version {model.version}, metric {model.metric.lower()}): "
-        f"{len(model.hits)} results, {model.left_out} left out (file no longer exists)"
+        f"{len(model.hits)} results, {model.left_out} left out (files gone from disk)"
     )
     if model.reused_vector:
         header += ", query vector reused from the index"
