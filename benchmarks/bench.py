@@ -168,12 +168,24 @@ def publish(settings: Settings, files: Sequence[Path]) -> None:
 
 
 def wait_rows(settings: Settings, model: str, paths: list[str], timeout_s: float) -> float:
-    """Seconds until every path has its row (the mapping is written after Milvus)."""
+    """Seconds until every path has its row (the mapping is written after Milvus).
+
+    Light on purpose (ids computed once, one client, a 50 ms period): the worker under
+    measurement may share this process and its interpreter lock.
+    """
+    from common.mapping import PathIndex, connect_redis
+
+    ids = [path_id(path) for path in paths]
+    client = connect_redis(settings.redis)
+    index = PathIndex(client, settings.redis.key_prefix, model)
     started = time.monotonic()
-    while indexed_counts(settings, [model], paths)[model] < len(paths):
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"{model}: not indexed after {timeout_s:.0f}s")
-        time.sleep(0.02)
+    try:
+        while sum(found is not None for found in index.lookup_paths(ids)) < len(ids):
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"{model}: not indexed after {timeout_s:.0f}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
     return time.monotonic() - started
 
 
