@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m common.models_cli", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every registry entry and whether its file is here")
     for name, text in (("fetch", "download url+sha256 into the cache"),
@@ -109,7 +109,7 @@ def fetch_model(name: str, settings: Settings) -> Path:
     if not source.url or not source.sha256:
         raise ModelUnavailable(f"model {name} has no url + sha256 in "
                                f"{settings.models.registry_file}; add them or use "
-                               f"`models export {name}`")
+                               f"`python -m common.models_cli export {name}`")
     if not source.url.startswith(("https://", "http://")):
         raise FetchError(f"model {name}: only http(s) urls are fetched, got {source.url}")
 
@@ -254,8 +254,8 @@ def _import_torch(name: str) -> Any:
     try:
         import torch
     except ImportError as e:
-        raise ExportError(f"`models export {name}` needs torch, which is not installed: "
-                          f"{EXPORT_HINT}") from e
+        raise ExportError(f"`python -m common.models_cli export {name}` needs torch, which "
+                          f"is not installed: {EXPORT_HINT}") from e
     return torch
 
 

@@ -320,7 +320,7 @@ def how_to_get(spec: ModelSpec) -> str:
     if source.url:
         ways.append(f"`models fetch {spec.name}` (downloads and checks sha256)")
     if source.export:
-        ways.append(f"`models export {spec.name}` (needs pip install 'imgsearch[export]')")
+        ways.append(f"`python -m common.models_cli export {spec.name}` (needs pip install 'imgsearch[export]')")
     if not ways:
         return "put the file in settings.models.cache_dir or a models.search_dirs folder"
     return "get it with " + " or ".join(ways)

@@ -44,6 +44,7 @@ class Publisher:
         self.published_total = 0
         self._queue: OrderedDict[str, ImageEvent] = OrderedDict()
         self._unrecorded: OrderedDict[str, ImageEvent] = OrderedDict()
+        self._ledger_down_since: float | None = None
         self._in_flight = 0
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -233,9 +234,15 @@ class Publisher:
         try:
             self.ledger.record(events)
         except ServiceUnavailable as error:
-            log.warning("ledger write deferred events=%d error=%s", len(events), error)
+            if self._ledger_down_since is None:  # once per outage, not once per retry
+                self._ledger_down_since = time.monotonic()
+                log.warning("ledger write deferred events=%d error=%s", len(events), error)
             self._stopping.wait(1.0)
             return
+        if self._ledger_down_since is not None:
+            log.warning("ledger writes resumed events=%d outage_s=%.1f", len(events),
+                        time.monotonic() - self._ledger_down_since)
+            self._ledger_down_since = None
         with self._cond:
             for event in events:
                 if self._unrecorded.get(event.path) is event:

@@ -163,7 +163,7 @@ def test_unknown_model_and_entries_without_url(
     assert main(["fetch", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["fetch", "vgg16"]) == 1
-    assert "models export vgg16" in capsys.readouterr().err
+    assert "python -m common.models_cli export vgg16" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
@@ -176,7 +176,7 @@ def test_export_without_torch_says_what_to_install(
 
     assert main(["export", name]) == 1
     error = capsys.readouterr().err
-    assert f"`models export {name}` needs torch" in error
+    assert f"`python -m common.models_cli export {name}` needs torch" in error
     assert "pip install 'imgsearch[export]'" in error
     assert not env.exists()
 
