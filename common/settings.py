@@ -201,8 +201,14 @@ class Settings(BaseSettings):
     stack: StackSettings = Field(default_factory=StackSettings)
 
     def redacted(self) -> dict[str, Any]:
-        """The effective settings as plain data, secrets shown as '**********'."""
-        return json.loads(self.model_dump_json())
+        """The effective settings as plain data, secrets shown as '**********'.
+
+        Passwords written inside a URL (redis://:secret@host) are hidden too.
+        """
+        dumped = json.loads(self.model_dump_json())
+        for group, key in (("redis", "url"), ("milvus", "uri"), ("kafka", "bootstrap_servers")):
+            dumped[group][key] = _URL_PASSWORD.sub(r"\1**********@", dumped[group][key])
+        return dumped
 
 
 def _describe(error: ValidationError) -> str:
@@ -213,6 +219,21 @@ def _describe(error: ValidationError) -> str:
     return f"invalid setting {name}{shown}: {first['msg']}"
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+_SOURCE_FIELD = re.compile(r'error parsing value for field "([^"]+)"')
+
+
+def _describe_source_error(error: SourceError) -> str:
+    """pydantic-settings names only the group; say which variables and what they must be."""
+    match = _SOURCE_FIELD.search(str(error))
+    cause = f": {error.__cause__}" if error.__cause__ else ""
+    if not match:
+        return f"invalid setting: {error}{cause}"
+    group = match.group(1).upper()
+    return (f"invalid setting IMGSEARCH_{group}__*: a list or nested value must be JSON, "
+            f"e.g. IMGSEARCH_WATCH__ROOTS='[\"/photos\"]'{cause}")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning any bad value into one SettingsError naming the setting."""
     try:
@@ -220,8 +241,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as error:
         raise SettingsError(_describe(error)) from error
     except SourceError as error:
-        cause = f" ({error.__cause__})" if error.__cause__ else ""
-        raise SettingsError(f"invalid setting: {error}{cause}") from error
+        raise SettingsError(_describe_source_error(error)) from error
 
 
 def log_effective(settings: Settings, process: str) -> None:

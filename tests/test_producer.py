@@ -372,8 +372,10 @@ def test_broker_down_ten_seconds_every_file_published_when_it_returns(
 
 
 def test_redis_down_publishing_goes_on_and_the_ledger_catches_up(
-    settings: Settings, private_service: Callable, reader_for: Callable
+    settings: Settings, private_service: Callable, reader_for: Callable,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="producer.publisher")
     redis_service, private = private_service("redis")
     settings = settings.model_copy(update={"redis": settings.redis.model_copy(
         update={"url": private.redis.url, "socket_timeout_s": 1.0})})
@@ -386,6 +388,7 @@ def test_redis_down_publishing_goes_on_and_the_ledger_catches_up(
         image = make_image(root_of(settings) / "while redis is down.jpg", 1)
         events = reader.wait_for(1, 30)
         assert not producer.idle()  # the start-up scan and the ledger write still wait
+        time.sleep(3)  # the ledger write is retried about once a second meanwhile
         redis_service.start()
         assert producer.wait_idle(60)
     finally:
@@ -394,6 +397,10 @@ def test_redis_down_publishing_goes_on_and_the_ledger_catches_up(
     ledger = Ledger(redis_client(settings.redis), settings.redis.key_prefix).load()
     assert set(ledger) == {p(image)}
     assert ledger[p(image)].fingerprint == file_fingerprint(image)
+    messages = [record.getMessage() for record in caplog.records]
+    # One warning when the outage starts and one when it ends, not one per retry.
+    assert sum(m.startswith("ledger write deferred") for m in messages) == 1
+    assert sum(m.startswith("ledger writes resumed") for m in messages) == 1
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare is missing")

@@ -124,6 +124,9 @@ def test_redis_keeps_data_across_restart(private_service) -> None:
         ("IMGSEARCH_WORKER__BATCH_SIZE", "lots", "invalid setting IMGSEARCH_WORKER__BATCH_SIZE"),
         ("IMGSEARCH_REDIS__URL", "http://x", "invalid setting IMGSEARCH_REDIS__URL"),
         ("IMGSEARCH_KAFKA__PARTITIONS", "0", "invalid setting IMGSEARCH_KAFKA__PARTITIONS"),
+        # A list given as plain text once gave only "error parsing value for field watch".
+        ("IMGSEARCH_WATCH__ROOTS", "/tmp/x", "invalid setting IMGSEARCH_WATCH__*: a list or "
+         "nested value must be JSON"),
     ],
 )
 def test_bad_setting_fails_with_one_line(variable: str, value: str, expected: str) -> None:
@@ -154,3 +157,17 @@ def test_settings_hide_secrets_and_read_nested_env(monkeypatch: pytest.MonkeyPat
     assert loaded.watch.extensions == [".jpg", ".png"]
     assert loaded.kafka.client_options()["sasl_plain_password"] == "hunter2"
     assert "hunter2" not in str(loaded.redacted())
+
+
+def test_passwords_inside_urls_are_hidden_in_the_logged_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from common.settings import load_settings
+
+    monkeypatch.setenv("IMGSEARCH_REDIS__URL", "redis://:urlsecret@127.0.0.1:6379/0")
+    monkeypatch.setenv("IMGSEARCH_MILVUS__URI", "http://root:milvussecret@127.0.0.1:19530")
+
+    shown = load_settings().redacted()
+
+    assert shown["redis"]["url"] == "redis://:**********@127.0.0.1:6379/0"
+    assert shown["milvus"]["uri"] == "http://root:**********@127.0.0.1:19530"
