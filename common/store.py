@@ -224,7 +224,9 @@ class VectorStore:
                 search_params=params, timeout=self.timeout_s,
             )
         return [
-            [Hit(int(hit["id"]), float(hit["distance"]), hit["entity"]["path"])
+            # Rounding can put a cosine a hair above 1; clamp to the metric's range.
+            [Hit(int(hit["id"]), min(1.0, max(-1.0, float(hit["distance"]))),
+                 hit["entity"]["path"])
              for hit in hits]
             for hits in result
         ]

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    logging.getLogger("searcher").setLevel(logging.WARNING)  # not 3 lines for every query
     log_effective(settings, "evaluate")
     try:
         photo_set = photos.from_folder(args.folder, args.limit)

@@ -31,7 +31,10 @@ Entry = SearchResult | tuple[str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.html and not args.html.resolve().parent.is_dir():
+        parser.error(f"--html: folder {args.html.resolve().parent} does not exist")
     configure_logging(args.log_level)
     try:
         settings = load_settings()

@@ -89,6 +89,8 @@ class Service:
         if self.pid() is not None:
             self.wait_ready()
             return "already running"
+        if _port_in_use(self.port) and self.is_ready():
+            return f"already answering on {HOST}:{self.port} (started elsewhere; left alone)"
         if _port_in_use(self.port):
             raise StackError(
                 f"{self.name}: port {self.port} in use by another process "
@@ -133,7 +135,7 @@ class Service:
     def stop(self) -> str:
         pid = self.pid()
         if pid is None:
-            return "not running"
+            return "not started here" if _port_in_use(self.port) else "not running"
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         while time.monotonic() < deadline and _alive(pid):
@@ -147,7 +149,11 @@ class Service:
     def status(self) -> str:
         pid = self.pid()
         if pid is None:
-            return "in use by another process" if _port_in_use(self.port) else "stopped"
+            if not _port_in_use(self.port):
+                return "stopped"
+            if self.is_ready():
+                return f"ready (started elsewhere) {HOST}:{self.port}"
+            return "port in use by another process"
         state = "ready" if self.is_ready() else "not answering"
         return f"{state} pid={pid} {HOST}:{self.port}"
 

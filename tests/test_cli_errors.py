@@ -29,3 +29,10 @@ def test_searcher_refuses_a_min_score_that_is_not_a_cosine() -> None:
     assert run.returncode == 2
     assert "2.0 is not a cosine similarity (-1 to 1)" in run.stderr
     assert run.stdout == ""
+
+
+def test_searcher_checks_the_html_folder_before_searching() -> None:
+    run = _run("searcher", "query.jpg", "--html", "/no/such/folder/page.html")
+
+    assert run.returncode == 2
+    assert "--html: folder /no/such/folder does not exist" in run.stderr

@@ -171,3 +171,23 @@ def test_passwords_inside_urls_are_hidden_in_the_logged_settings(
 
     assert shown["redis"]["url"] == "redis://:**********@127.0.0.1:6379/0"
     assert shown["milvus"]["uri"] == "http://root:**********@127.0.0.1:19530"
+
+
+def test_stack_from_another_checkout_uses_services_that_answer(
+    stack_ready: Settings, tmp_path: Path
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "IMGSEARCH_STACK__STATE_DIR": str(tmp_path / "other")}
+
+    def stack(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stack", action], env=env,
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+
+    up, status, down = stack("up"), stack("status"), stack("down")
+    still = stack("status")
+
+    # Once "port 9092 in use by another process" and exit 1, though Kafka answered.
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.count("started elsewhere; left alone") == 3
+    assert status.returncode == 0 and status.stdout.count("ready (started elsewhere)") == 3
+    assert down.stdout.count("not started here") == 3
+    assert still.returncode == 0
