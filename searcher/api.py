@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -53,12 +52,9 @@ class Searcher:
         except BaseException:
             self.store.close()
             raise
-        self._pool = ThreadPoolExecutor(settings.worker.decode_threads,
-                                        thread_name_prefix="searcher-decode")
         self._path_indexes: dict[str, PathIndex] = {}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
         self.store.close()
         self.redis.close()
 
@@ -106,8 +102,10 @@ class Searcher:
         label = _label(image_or_path)
         started = time.perf_counter()
 
+        decoded: dict[int, Image.Image] = {}  # one decode per query and decode size
         results = tuple(
-            self._search_model(spec, image_or_path, label, k, min_score) for spec in specs
+            self._search_model(spec, image_or_path, label, k, min_score, decoded)
+            for spec in specs
         )
 
         fused = ()
@@ -134,9 +132,10 @@ class Searcher:
         return spec
 
     def _search_model(
-        self, spec: ModelSpec, query: Query, label: str, k: int, min_score: float | None
+        self, spec: ModelSpec, query: Query, label: str, k: int, min_score: float | None,
+        decoded: dict[int, Image.Image],
     ) -> ModelResult:
-        vector, reused = self._query_vector(spec, query, label)
+        vector, reused = self._query_vector(spec, query, label, decoded)
         hits, left_out = self._ranked_hits(spec, vector, k)
 
         if min_score is not None:
@@ -147,30 +146,25 @@ class Searcher:
                            hits=tuple(hits), left_out=left_out, reused_vector=reused)
 
     def _query_vector(
-        self, spec: ModelSpec, query: Query, label: str
+        self, spec: ModelSpec, query: Query, label: str, decoded: dict[int, Image.Image]
     ) -> tuple[NDArray[np.float32], bool]:
         """The query's embedding under this model, and whether it came from the index."""
         if isinstance(query, Image.Image):
             return self._embedder(spec).embed_images([query])[0], False
-        if isinstance(query, bytes):
-            return self._embed_bytes(spec, query, label), False
+        if not isinstance(query, bytes):
+            query = normalise_path(query)
+            stored = self._stored_vector(spec, query)
+            if stored is not None:
+                return stored, True
 
-        path = normalise_path(query)
-        stored = self._stored_vector(spec, path)
-        if stored is not None:
-            return stored, True
-        outcome = self._embedder(spec).embed_files([path], max_pixels=self._max_pixels,
-                                                   pool=self._pool)[0]
-        if isinstance(outcome, DecodeError):
-            raise QueryError(label, outcome.reason, outcome.detail) from outcome
-        return outcome, False
-
-    def _embed_bytes(self, spec: ModelSpec, data: bytes, label: str) -> NDArray[np.float32]:
-        try:
-            image = decode_image(data, max_pixels=self._max_pixels, min_side=spec.resize_short)
-        except DecodeError as error:
-            raise QueryError(label, error.reason, error.detail) from error
-        return self._embedder(spec).embed_images([image])[0]
+        # The worker's decode (same min_side), done once for all models that share it.
+        if spec.resize_short not in decoded:
+            try:
+                decoded[spec.resize_short] = decode_image(
+                    query, max_pixels=self._max_pixels, min_side=spec.resize_short)
+            except DecodeError as error:
+                raise QueryError(label, error.reason, error.detail) from error
+        return self._embedder(spec).embed_images([decoded[spec.resize_short]])[0], False
 
     def _stored_vector(self, spec: ModelSpec, path: str) -> NDArray[np.float32] | None:
         """The indexed vector of this very file, if its size and mtime still match.

@@ -89,9 +89,9 @@ class Service:
         if self.pid() is not None:
             self.wait_ready()
             return "already running"
-        if _port_in_use(self.port) and self.is_ready():
-            return f"already answering on {HOST}:{self.port} (started elsewhere; left alone)"
         if _port_in_use(self.port):
+            if self.is_ready():
+                return f"already answering on {HOST}:{self.port} (started elsewhere; left alone)"
             raise StackError(
                 f"{self.name}: port {self.port} in use by another process "
                 f"(stop it, or point the {self.name} settings at another port)"

@@ -31,8 +31,7 @@ def stack_ready() -> Settings:
 
     base = load_settings()
     for service in services(base).values():
-        if not service.is_ready():
-            service.start()
+        service.start()
     return base
 
 
